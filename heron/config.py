@@ -1,0 +1,98 @@
+"""Engine configuration: one dataclass, validated once, with errors a user can act on."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has AVX512-BF16 or AMX, where bfloat16 matmuls beat float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of auto, bfloat16, float16, float32; got {dtype}")
+        return dtype
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name == "auto":
+        if device.type == "cuda" or cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, bfloat16, float16, float32; got {dtype!r}")
+    return _DTYPES[name]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda; got {device!r}")
+    return dev
+
+
+def default_kv_cache_gib(device: torch.device) -> float:
+    """CPU: 2 GiB, or less on a small machine. CUDA: 60% of the free memory after the weights
+    (the caller passes the already-loaded state through torch.cuda.mem_get_info)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.6 * free / 2**30
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        total = 8.0
+    return max(0.25, min(2.0, total * 0.1))
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to know, checked in `__post_init__`."""
+
+    model: str | None = None                  # None: the embedded default model
+    dtype: str = "auto"
+    device: str | None = None                 # None/auto: cuda if available, else cpu
+    block_size: int = 16
+    kv_cache_memory: float | None = None      # GiB for the KV pool; None: default_kv_cache_gib
+    num_kv_blocks: int | None = None          # overrides kv_cache_memory (tests, tuning)
+    max_num_batched_tokens: int = 2048        # per-step token budget (chunk size for long prompts)
+    max_num_seqs: int = 128                   # running requests per step
+    max_model_len: int | None = None          # None: the model's max_position_embeddings
+    seed: int = 0                             # seeds the global RNG used by unseeded requests
+    num_threads: int | None = None            # torch intra-op threads on CPU; None: torch's default
+    tokenizer: str | None = None              # tokenizer folder; None: from the model
+    load_progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        self.torch_device = resolve_device(self.device)
+        self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)

@@ -1,0 +1,213 @@
+"""Iteration-level scheduler in the num_computed_tokens style (vLLM v1, Orca, Sarathi-Serve).
+
+There is no prefill phase and no decode phase: every request has `num_tokens` (prompt plus
+output so far) and `num_computed_tokens` (tokens whose KV is in the cache). Each step the
+scheduler hands out "compute the next k tokens of request r" under a token budget:
+running requests first (their decodes, or the next chunk of a long prompt), then waiting
+ones. A long prompt is therefore chunked and shares steps with other requests' decodes.
+
+When the KV pool runs dry the most recently admitted running request is preempted by
+recompute: its blocks are freed, `num_computed_tokens` goes back to 0, and it returns to
+the front of the waiting queue with its output so far, to be recomputed later. Greedy
+outputs are unchanged by this, and no request is ever lost or duplicated.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from heron.core.kv_cache_manager import KVCacheManager, cdiv
+from heron.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: requests in batch order with their number of new tokens."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preemptions_total: int = 0
+    kv_cache_usage: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 max_model_len: int) -> None:
+        self.kv = kv_cache_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions_total = 0
+
+    # ---- public API -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        need = cdiv(min(request.num_prompt_tokens + request.max_tokens, self.max_model_len), self.kv.block_size)
+        if need > self.kv.pool.num_usable_blocks:
+            raise ValueError(
+                f"request {request.request_id!r} needs up to {need} KV blocks ({request.num_prompt_tokens} prompt "
+                f"tokens + max_tokens {request.max_tokens}) but the KV cache holds only {self.kv.pool.num_usable_blocks}"
+                f" blocks of {self.kv.block_size} tokens; raise kv_cache_memory or lower max_tokens")
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions_total, self.kv.usage())
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        now = time.monotonic()
+
+        # 1. Running requests: their next tokens (a decode, or the next chunk of a prompt).
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new > 0, f"running request {request.request_id} has nothing to compute"
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: nothing more fits
+
+        # 2. Waiting requests, in order, while budget, sequence slots and blocks last.
+        # Nothing is admitted in a step that had to preempt: memory is short.
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
+
+        for request, _ in out.scheduled:
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance num_computed_tokens, append sampled tokens, finish requests that stop.
+        Returns the requests that received a token this step."""
+        got_token = []
+        now = time.monotonic()
+        for request, num_new in out.scheduled:
+            if request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += num_new
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue  # a prompt chunk that did not reach the end of the prompt
+            request.append_token(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+            got_token.append(request)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self.finish_request(request, status)
+        return got_token
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Finish (or abort) a request wherever it is, freeing its blocks. Idempotent."""
+        if request.is_finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        self.kv.free(request)
+        request.status = status
+        request.finished_time = time.monotonic()
+        self.requests.pop(request.request_id, None)
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        idx = 0
+        while idx < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[idx]
+            src = request.fork_source
+            if src is not None:
+                ready = self._fork_ready(request)
+                if ready is None:
+                    idx += 1  # its source has not computed the prompt yet: let others pass
+                    continue
+                if not ready:
+                    request.fork_source = None  # source gone: compute the prompt normally
+            if request.fork_source is not None:
+                # sharing the prompt needs at most one copied block plus one for the new token
+                if self.kv.num_free_blocks < 2:
+                    break
+                copy = self.kv.fork(request.fork_source, request, request.num_prompt_tokens - 1)
+                if copy is not None:
+                    out.blocks_to_copy.append(copy)
+                request.fork_source = None
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new):
+                break  # (a just-forked request needs one token, which the check above covers)
+            del self.waiting[idx]
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append((request, num_new))
+            budget -= num_new
+        return budget
+
+    def _fork_ready(self, request: Request) -> bool | None:
+        """True: fork now. None: wait for the source. False: the source cannot be forked."""
+        src = request.fork_source
+        need = request.num_prompt_tokens - 1
+        if need <= 0 or src.is_finished:
+            return False
+        if src.status == RequestStatus.RUNNING and src.num_computed_tokens >= need:
+            return True
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

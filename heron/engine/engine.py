@@ -1,0 +1,239 @@
+"""The synchronous engine: add requests, call step() until done.
+
+step() = Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update() -> detokenize
+and stop strings -> RequestOutputs for the requests that changed.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from heron.config import EngineConfig
+from heron.core.kv_cache_manager import KVCacheManager
+from heron.core.scheduler import Scheduler
+from heron.engine.detokenizer import IncrementalDetokenizer
+from heron.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from heron.request import FINISH_REASONS, Request, RequestStatus
+from heron.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestGroup:
+    """A user request: one prompt, `n` samples (each a scheduler Request)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    texts: list[str]
+    arrival_time: float
+    prompt_logprobs: list | None = None
+    finished: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _to_position_logprobs(tlp, tokenizer) -> dict[int, Logprob]:
+    """TokenLogprobs -> {token_id: Logprob}, the chosen token first, then the top-k."""
+    entries = {tlp.token_id: Logprob(tlp.logprob, tlp.rank, tokenizer.decode([tlp.token_id]))}
+    for rank, (tid, lp) in enumerate(tlp.top, start=1):
+        if tid not in entries:
+            entries[tid] = Logprob(lp, rank, tokenizer.decode([tid]))
+    return entries
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        from heron.models.loader import iter_weights, load_config, load_tokenizer, resolve_model
+        from heron.runner.model_runner import ModelRunner
+
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        t0 = time.monotonic()
+        self.source = resolve_model(config.model)
+        self.hf_config = load_config(self.source)
+        self.tokenizer = load_tokenizer(self.source) if config.tokenizer is None else _load_tokenizer_dir(config.tokenizer)
+        weights = iter_weights(self.source, config.torch_dtype, progress=config.load_progress)
+        self.runner = ModelRunner(config, self.hf_config, weights)
+        model_max = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 2048
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's maximum of {model_max}")
+        self.max_model_len = config.max_model_len or model_max
+        num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory, config.num_kv_blocks)
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs,
+                                   self.max_model_len)
+        self.eos_token_ids = self._eos_ids()
+        self.groups: dict[str, RequestGroup] = {}
+        self._child_to_group: dict[str, RequestGroup] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.load_time = time.monotonic() - t0
+        logger.info("engine ready in %.1fs: %s, %s, %d KV blocks of %d tokens", self.load_time, self.source.name,
+                    config.torch_dtype, num_blocks, config.block_size)
+
+    # ---- requests ---------------------------------------------------------------------
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set()
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(x) for x in eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError on bad input."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else self.new_request_id()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenize(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        self._validate_prompt(token_ids)
+        room = self.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        children, detoks = [], []
+        for i in range(params.n):
+            child_params = params
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            child = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=token_ids, sampling_params=child_params, eos_token_ids=self.eos_token_ids,
+                max_tokens=max_tokens, arrival_time=arrival, parent_id=request_id, index=i,
+                fork_source=children[0] if i > 0 else None, generator=gen)
+            if i > 0:
+                child.num_prompt_logprobs_done = len(token_ids)  # the first sample reports them
+            children.append(child)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, token_ids, params))
+        group = RequestGroup(request_id, text, token_ids, params, children, detoks, [""] * params.n, arrival)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        for child in children:
+            self.scheduler.add_request(child)
+            self._child_to_group[child.request_id] = group
+        self.groups[request_id] = group
+        return request_id
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty; give at least one token")
+        vocab = self.runner.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens but the maximum model length is "
+                             f"{self.max_model_len} (prompt plus at least one generated token); shorten the prompt")
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for child in group.children:
+            self.scheduler.finish_request(child, RequestStatus.FINISHED_ABORTED)
+            self._child_to_group.pop(child.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        runner_out = self.runner.execute(sched_out)
+        self.num_steps += 1
+        for rid, entries in runner_out.prompt_logprobs.items():
+            group = self._child_to_group[rid]
+            if group.prompt_logprobs is not None:
+                group.prompt_logprobs.extend(_to_position_logprobs(e, self.tokenizer) for e in entries)
+        got_token = self.scheduler.update(sched_out, runner_out.sampled)
+        touched: dict[str, RequestGroup] = {}
+        for request in got_token:
+            group = self._child_to_group[request.request_id]
+            touched[group.request_id] = group
+            lp = runner_out.logprobs.get(request.request_id)
+            if lp is not None:
+                request.output_logprobs.append(_to_position_logprobs(lp, self.tokenizer))
+                request.cumulative_logprob += lp.logprob
+            self._detokenize(group, request)
+        outputs = []
+        for group in touched.values():
+            out = self._make_output(group)
+            outputs.append(out)
+            if out.finished:
+                self._retire(group)
+        return outputs
+
+    def _detokenize(self, group: RequestGroup, request: Request) -> None:
+        detok = group.detokenizers[request.index]
+        token = request.output_token_ids[-1]
+        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+        # like vLLM: the EOS / stop token that ended the request is not part of the text
+        new = [] if stopped_by_token else [token]
+        delta = detok.add_tokens(new) if new else ""
+        if request.is_finished or detok.stopped:
+            delta += detok.finish() if not detok.stopped else ""
+        group.texts[request.index] += delta
+        if detok.stopped:
+            request.stop_reason = detok.stop_reason
+            if request.is_finished:
+                request.status = RequestStatus.FINISHED_STOPPED  # a stop string wins over the length limit
+            else:
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+
+    def _make_output(self, group: RequestGroup) -> RequestOutput:
+        completions = []
+        for req in group.children:
+            completions.append(CompletionOutput(
+                index=req.index, text=group.texts[req.index], token_ids=list(req.output_token_ids),
+                cumulative_logprob=req.cumulative_logprob if group.params.logprobs is not None else None,
+                logprobs=list(req.output_logprobs) if group.params.logprobs is not None else None,
+                finish_reason=FINISH_REASONS.get(req.status), stop_reason=req.stop_reason))
+        first = group.children[0]
+        metrics = RequestMetrics(
+            arrival_time=group.arrival_time,
+            first_scheduled_time=min((c.first_scheduled_time for c in group.children if c.first_scheduled_time),
+                                     default=None),
+            first_token_time=min((c.first_token_time for c in group.children if c.first_token_time), default=None),
+            last_token_time=max((c.last_token_time for c in group.children if c.last_token_time), default=None),
+            finished_time=max((c.finished_time or 0.0) for c in group.children) or None,
+            num_generated_tokens=first.num_output_tokens)
+        finished = all(c.is_finished for c in group.children)
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=group.prompt_token_ids, outputs=completions, finished=finished,
+                             prompt_logprobs=group.prompt_logprobs, metrics=metrics)
+
+    def _retire(self, group: RequestGroup) -> None:
+        self.groups.pop(group.request_id, None)
+        for child in group.children:
+            self._child_to_group.pop(child.request_id, None)
+
+
+def _load_tokenizer_dir(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)

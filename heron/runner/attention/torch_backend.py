@@ -1,0 +1,111 @@
+"""Portable attention over the paged KV cache with plain PyTorch ops (CPU and CUDA).
+
+Decodes: one batched scaled_dot_product_attention over the blocks each request needs (for a
+sliding-window layer only the blocks that overlap the window), with a validity mask.
+Prefill chunks: one SDPA per chunk; a first chunk attends to its own fresh keys/values with
+no gather at all, later chunks gather their context from the cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from heron.runner.attention.base import AttentionBackend, AttentionMetadata, AttentionSpec
+
+
+def _softcap_unsupported(spec: AttentionSpec) -> None:
+    if spec.logit_softcap is not None:
+        raise NotImplementedError("attention logit softcapping is not supported by the torch backend")
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        _softcap_unsupported(spec)
+        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+        k_flat = kv_cache[0].view(num_slots, spec.num_kv_heads, spec.head_dim)
+        v_flat = kv_cache[1].view(num_slots, spec.num_kv_heads, spec.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(spec, q[:nd], kv_cache, meta)
+        for i in range(meta.num_prefills):
+            start, qlen = meta.prefill_query_starts[i], meta.prefill_query_lens[i]
+            out[start:start + qlen] = self._prefill(spec, i, q[start:start + qlen], k[start:start + qlen],
+                                                    v[start:start + qlen], kv_cache, meta)
+        return out
+
+    # ---- decode -----------------------------------------------------------------------
+    def _decode_gather(self, spec: AttentionSpec, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ids to read [B, n] and the validity mask [B, 1, 1, n * block_size]; shared by all
+        layers with the same window."""
+        key = ("decode", spec.sliding_window)
+        if key in meta.cache:
+            return meta.cache[key]
+        bs = meta.block_size
+        tables, seq_lens = meta.decode_block_tables, meta.decode_seq_lens
+        max_blocks = tables.shape[1]
+        window = spec.sliding_window
+        if window is None or window >= max_blocks * bs:
+            first = torch.zeros_like(seq_lens)
+            n = max_blocks
+            blocks = tables
+        else:
+            first = torch.clamp(seq_lens - window, min=0) // bs
+            n = min(max_blocks, -(-window // bs) + 1)
+            idx = (first[:, None] + torch.arange(n, device=tables.device)).clamp_(max=max_blocks - 1)
+            blocks = tables.gather(1, idx)
+        pos = (first[:, None] * bs + torch.arange(n * bs, device=tables.device)[None, :])
+        valid = pos < seq_lens[:, None]
+        if window is not None:
+            valid &= pos >= (seq_lens[:, None] - window)
+        result = (blocks, valid[:, None, None, :])
+        meta.cache[key] = result
+        return result
+
+    def _decode(self, spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        blocks, mask = self._decode_gather(spec, meta)
+        b, n = blocks.shape
+        # [B, n, bs, Hkv, D] -> [B, Hkv, n*bs, D]
+        keys = kv_cache[0][blocks].view(b, n * meta.block_size, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        values = kv_cache[1][blocks].view(b, n * meta.block_size, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=spec.scale,
+                                             enable_gqa=spec.num_heads != spec.num_kv_heads)
+        return out[:, :, 0, :]
+
+    # ---- prefill ----------------------------------------------------------------------
+    def _prefill(self, spec: AttentionSpec, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        ctx, qlen = meta.prefill_context_lens[i], meta.prefill_query_lens[i]
+        window = spec.sliding_window
+        gqa = spec.num_heads != spec.num_kv_heads
+        qh = q.transpose(0, 1)[None]  # [1, Hq, qlen, D]
+        if ctx == 0:
+            keys, values, kv_start = k, v, 0
+        else:
+            bs = meta.block_size
+            kv_start = 0 if window is None else max(0, ctx - window + 1)
+            first_block = kv_start // bs
+            kv_start = first_block * bs
+            table = meta.prefill_block_tables[i][first_block:]
+            seq_len = ctx + qlen
+            keys = kv_cache[0][table].flatten(0, 1)[:seq_len - kv_start]
+            values = kv_cache[1][table].flatten(0, 1)[:seq_len - kv_start]
+        kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+        kv_len = kh.shape[2]
+        if ctx == 0 and (window is None or qlen <= window):
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=spec.scale, enable_gqa=gqa)
+        else:
+            q_pos = torch.arange(ctx, ctx + qlen, device=q.device)[:, None]
+            k_pos = torch.arange(kv_start, kv_start + kv_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
+        return out[0].transpose(0, 1)

@@ -1,0 +1,180 @@
+"""The only place that touches tensors: builds the step's flat batch, runs the model, samples.
+
+One flat, unpadded batch per step: decodes first (one row each), then prefill chunks.
+Logits are computed only for the rows that are sampled (plus prompt rows of requests that
+asked for prompt logprobs).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from heron.config import EngineConfig
+from heron.core.scheduler import SchedulerOutput
+from heron.models.registry import get_model_class
+from heron.request import Request
+from heron.runner.attention import AttentionMetadata, get_attention_backend
+from heron.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_memory
+from heron.sample.sampler import Sampler, SamplingRow, TokenLogprobs, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class RunnerStats:
+    num_steps: int = 0
+    num_mixed_steps: int = 0          # steps that ran decodes and prefill chunks together
+    num_chunked_prefills: int = 0     # prefill chunks that stopped short of the end of the prompt
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, weights, attention_backend: str = "torch") -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        cls = get_model_class(hf_config)
+        with _default_dtype(self.dtype), torch.device(self.device):
+            self.model = cls(hf_config)
+        self.model.load_weights(weights)
+        self.model.eval()
+        self.num_layers = hf_config.num_hidden_layers
+        self.vocab_size = hf_config.vocab_size
+        self.backend = get_attention_backend(attention_backend)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.stats = RunnerStats()
+
+    # ---- KV cache ---------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        return kv_bytes_per_block(self.num_layers, self.block_size, self.model.num_kv_heads, self.model.head_dim,
+                                  self.dtype)
+
+    def allocate_kv_cache(self, gib: float | None, num_blocks: int | None) -> int:
+        from heron.config import default_kv_cache_gib
+        if num_blocks is None:
+            gib = gib if gib is not None else default_kv_cache_gib(self.device)
+            num_blocks = num_blocks_for_memory(gib, self.bytes_per_block())
+            if num_blocks < 2:
+                raise ValueError(f"kv_cache_memory {gib} GiB holds fewer than 2 blocks of "
+                                 f"{self.bytes_per_block()} bytes; raise it")
+        self.kv_caches = allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.model.num_kv_heads,
+                                            self.model.head_dim, self.dtype, self.device)
+        self.num_blocks = num_blocks
+        return num_blocks
+
+    # ---- one step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for src, dst in out.blocks_to_copy:
+            for kv in self.kv_caches:
+                kv[:, dst].copy_(kv[:, src])
+        decodes = [(r, n) for r, n in out.scheduled if n == 1]
+        prefills = [(r, n) for r, n in out.scheduled if n != 1]
+        batch = decodes + prefills
+        bs = self.block_size
+        st = self.stats
+        st.num_steps += 1
+        st.num_mixed_steps += bool(decodes and prefills)
+        st.num_decode_tokens += len(decodes)
+        st.num_prefill_tokens += sum(n for _, n in prefills)
+        st.num_chunked_prefills += sum(1 for r, n in prefills if r.num_computed_tokens + n < r.num_tokens)
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []          # rows whose logits are sampled
+        sample_reqs: list[Request] = []
+        plp_rows: list[tuple[Request, int, int, int]] = []  # (request, row, prompt position, count) for prompt logprobs
+        prefill_starts, prefill_lens, prefill_ctx, prefill_tables = [], [], [], []
+        for request, num_new in batch:
+            start = request.num_computed_tokens
+            end = start + num_new
+            row0 = len(input_ids)
+            input_ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = request.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            if num_new != 1:
+                prefill_starts.append(row0)
+                prefill_lens.append(num_new)
+                prefill_ctx.append(start)
+                prefill_tables.append(torch.tensor(blocks, dtype=torch.long))
+            if end == request.num_tokens:
+                sample_rows.append(row0 + num_new - 1)
+                sample_reqs.append(request)
+            k = request.sampling_params.prompt_logprobs
+            if k is not None:
+                # rows predicting prompt tokens 1..P-1 that have not been reported yet
+                lo = max(start, request.num_prompt_logprobs_done)
+                hi = min(end, request.num_prompt_tokens - 1)
+                if hi > lo:
+                    plp_rows.append((request, row0 + lo - start, lo, hi - lo))
+
+        dev = self.device
+        nd = len(decodes)
+        if nd:
+            max_blocks = max(len(r.block_ids) for r, _ in decodes)
+            table = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r, _ in decodes]
+            decode_tables = torch.tensor(table, dtype=torch.long, device=dev)
+            decode_seq_lens = torch.tensor([r.num_computed_tokens + 1 for r, _ in decodes], dtype=torch.long,
+                                           device=dev)
+        else:
+            decode_tables = torch.zeros(0, 1, dtype=torch.long, device=dev)
+            decode_seq_lens = torch.zeros(0, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=nd,
+            decode_block_tables=decode_tables,
+            decode_seq_lens=decode_seq_lens,
+            prefill_query_starts=prefill_starts,
+            prefill_query_lens=prefill_lens,
+            prefill_context_lens=prefill_ctx,
+            prefill_block_tables=[t.to(dev) for t in prefill_tables],
+            backend=self.backend,
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
+
+        result = RunnerOutput()
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)]).float()
+            rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids,
+                                r.generator) for r in sample_reqs]
+            sampled = self.sampler(logits, rows)
+            for request, token, lp in zip(sample_reqs, sampled.token_ids, sampled.logprobs):
+                result.sampled[request.request_id] = token
+                if lp is not None:
+                    result.logprobs[request.request_id] = lp
+        for request, row0, first, count in plp_rows:
+            logits = self.model.compute_logits(hidden[row0:row0 + count]).float()
+            targets = request.prompt_token_ids[first + 1:first + 1 + count]
+            result.prompt_logprobs[request.request_id] = compute_prompt_logprobs(
+                logits, targets, request.sampling_params.prompt_logprobs)
+            request.num_prompt_logprobs_done = first + count
+        return result
