@@ -77,6 +77,7 @@ class EngineConfig:
     num_threads: int | None = None            # torch intra-op threads on CPU; None: torch's default
     tokenizer: str | None = None              # tokenizer folder; None: from the model
     load_progress: bool = True
+    attention_backend: str = "auto"           # auto | torch | cpu (C++ paged kernel)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,5 +95,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.attention_backend not in ("auto", "torch", "cpu"):
+            raise ValueError(f"attention_backend must be auto, torch or cpu; got {self.attention_backend!r}")
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)

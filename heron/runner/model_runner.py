@@ -50,7 +50,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, weights, attention_backend: str = "torch") -> None:
+    def __init__(self, config: EngineConfig, hf_config, weights) -> None:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
@@ -62,7 +62,7 @@ class ModelRunner:
         self.model.eval()
         self.num_layers = hf_config.num_hidden_layers
         self.vocab_size = hf_config.vocab_size
-        self.backend = get_attention_backend(attention_backend)
+        self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -163,7 +163,7 @@ class ModelRunner:
 
         result = RunnerOutput()
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)]).float()
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])  # model dtype
             rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids,
                                 r.generator) for r in sample_reqs]
             sampled = self.sampler(logits, rows)

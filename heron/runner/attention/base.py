@@ -52,8 +52,17 @@ class AttentionBackend(ABC):
         Writes k/v into `kv_cache` at `meta.slot_mapping` first."""
 
 
-def get_attention_backend(name: str = "torch") -> AttentionBackend:
-    if name == "torch":
-        from heron.runner.attention.torch_backend import TorchAttentionBackend
+BACKENDS = ("auto", "torch", "cpu")
+
+
+def get_attention_backend(name: str = "auto", device: torch.device | None = None) -> AttentionBackend:
+    """`auto`: the C++ kernel backend on CPU when it builds, else the portable torch backend."""
+    from heron.runner.attention.torch_backend import TorchAttentionBackend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}")
+    if name == "torch" or (name == "auto" and device is not None and device.type != "cpu"):
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; available: torch")
+    from heron.runner.attention import cpu_backend
+    if name == "cpu":
+        return cpu_backend.CpuAttentionBackend()
+    return cpu_backend.CpuAttentionBackend() if cpu_backend.load_kernel() is not None else TorchAttentionBackend()

@@ -1,0 +1,67 @@
+"""Every attention backend against a plain reference computed from contiguous K/V."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heron.runner.attention import AttentionMetadata, get_attention_backend
+from heron.runner.attention.base import AttentionSpec
+
+
+def _reference(q, keys, values, scale, window):
+    # q [Hq, D], keys/values [L, Hkv, D]; the query is the last position
+    hq, hkv = q.shape[0], keys.shape[1]
+    L = keys.shape[0]
+    k = keys.repeat_interleave(hq // hkv, dim=1).float()
+    v = values.repeat_interleave(hq // hkv, dim=1).float()
+    s = torch.einsum("hd,lhd->hl", q.float(), k) * scale
+    pos = torch.arange(L)
+    if window is not None:
+        s[:, pos < L - window] = -math.inf
+    return torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v)
+
+
+def _make_case(dtype, hq, hkv, d, window, seq_lens, bs=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 1 + sum(-(-n // bs) for n in seq_lens) + 3
+    kv = torch.zeros(2, num_blocks, bs, hkv, d, dtype=dtype)
+    free = list(torch.randperm(num_blocks - 1, generator=g).add(1).tolist())  # scattered blocks
+    tables, contexts = [], []
+    for n in seq_lens:
+        blocks = [free.pop() for _ in range(-(-n // bs))]
+        keys = torch.randn(n, hkv, d, generator=g).to(dtype)
+        values = torch.randn(n, hkv, d, generator=g).to(dtype)
+        for p in range(n):
+            kv[0, blocks[p // bs], p % bs] = keys[p]
+            kv[1, blocks[p // bs], p % bs] = values[p]
+        tables.append(blocks)
+        contexts.append((keys, values))
+    width = max(map(len, tables))
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q = torch.randn(len(seq_lens), hq, d, generator=g).to(dtype)
+    return kv, table_t, q, contexts
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq,hkv,d,window", [(4, 1, 256, None), (4, 2, 32, 24), (8, 8, 64, None), (4, 1, 48, 40)])
+def test_decode_matches_reference(backend, dtype, tol, hq, hkv, d, window):
+    be = get_attention_backend(backend)
+    seq_lens = [1, 15, 16, 17, 70, 200]
+    kv, tables, q, contexts = _make_case(dtype, hq, hkv, d, window, seq_lens)
+    spec = AttentionSpec(hq, hkv, d, d ** -0.5, window)
+    meta = AttentionMetadata(block_size=16, slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(seq_lens),
+                             decode_block_tables=tables, decode_seq_lens=torch.tensor(seq_lens),
+                             prefill_query_starts=[], prefill_query_lens=[], prefill_context_lens=[],
+                             prefill_block_tables=[], backend=be)
+    out = be._decode(spec, q, kv, meta)
+    for i, (keys, values) in enumerate(contexts):
+        ref = _reference(q[i], keys, values, spec.scale, window)
+        torch.testing.assert_close(out[i].float(), ref, atol=tol, rtol=tol)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="available: auto, torch, cpu"):
+        get_attention_backend("flash")
