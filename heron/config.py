@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -78,7 +78,6 @@ class EngineConfig:
     tokenizer: str | None = None              # tokenizer folder; None: from the model
     load_progress: bool = True
     attention_backend: str = "auto"           # auto | torch | cpu (C++ paged kernel)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):

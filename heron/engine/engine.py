@@ -164,6 +164,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
+            if self.scheduler.has_unfinished_requests():
+                # cannot happen by construction (add_request checks that a request fits the
+                # pool); fail loudly rather than spin forever
+                raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
+                                   f"{len(self.scheduler.running)} running requests")
             return []
         runner_out = self.runner.execute(sched_out)
         self.num_steps += 1
