@@ -35,6 +35,7 @@ def test_greedy_equals_hf(tiny):
     # budget 32 < the longest prompts (40, 70, 100), and the sliding windows (24) are exceeded
     llm, got = _run(folder, prompts, max_num_batched_tokens=32)
     assert got == expected
+    assert llm.engine.runner.backend.name == "cpu"  # the kernel backend is what CPUs use by default
     assert llm.engine.runner.stats.num_chunked_prefills > 0
     assert max(PROMPT_LENS) > 32
 
@@ -86,3 +87,11 @@ def test_logprobs_match_hf(tiny):
             r = ref[len(prompt) - 1 + j]
             assert abs(pos[tok].logprob - r[tok].item()) < 1e-4
             assert pos[tok].rank == 1
+
+
+def test_portable_torch_backend_equals_hf(tiny):
+    """The default on CPU is the C++ kernel backend; the portable backend must agree too."""
+    _, folder, _, prompts, expected = tiny
+    llm, got = _run(folder, prompts, max_num_batched_tokens=32, attention_backend="torch")
+    assert llm.engine.runner.backend.name == "torch"
+    assert got == expected
