@@ -74,3 +74,15 @@ def test_cli_generate_prints_coherent_text(tmp_path):
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "=== 'One, two, three,'" in res.stdout and "output tok/s" in res.stderr
+
+
+def test_chat_with_gemma_turn_format(heron_fp32):
+    """The base model's GGUF has no chat template; heron falls back to Gemma's turn format."""
+    out = heron_fp32.chat([{"role": "user", "content": "What is the capital of France?"}],
+                          SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    tok = heron_fp32.tokenizer
+    text = tok.decode(out.prompt_token_ids)
+    assert text.startswith("<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n")
+    assert text.endswith("<start_of_turn>model\n")
+    assert out.prompt_token_ids.count(tok.bos_token_id) == 1
+    assert out.outputs[0].text.strip()

@@ -105,3 +105,16 @@ def test_timings_are_reported(llm):
     assert m.time_to_first_token is not None and m.time_to_first_token >= 0
     assert m.time_per_output_token is not None and m.time_per_output_token >= 0
     assert m.e2e_latency >= m.time_to_first_token
+
+
+def test_chat_uses_the_template_and_requires_one(llm):
+    msgs = [{"role": "user", "content": "w10 w11 w12"}]
+    with pytest.raises(ValueError, match="no chat template"):
+        llm.chat(msgs, SamplingParams(max_tokens=3), use_tqdm=False)
+    template = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}w7"
+    out = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), chat_template=template,
+                   use_tqdm=False)[0]
+    assert out.prompt_token_ids == [1, 10, 11, 12, 2, 7]
+    direct = llm.generate([[1, 10, 11, 12, 2, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == direct.outputs[0].token_ids
