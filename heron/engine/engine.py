@@ -83,14 +83,28 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------
     def _eos_ids(self) -> frozenset[int]:
-        ids = set()
-        eos = getattr(self.hf_config, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(x) for x in eos)
+        """EOS ids: the config's, the tokenizer's, an HF folder's generation_config.json (as vLLM
+        reads it), and for Gemma GGUFs `<end_of_turn>`, which Gemma's generation config lists."""
+        ids: set[int] = set()
+
+        def add(value) -> None:
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(x) for x in value)
+
+        add(getattr(self.hf_config, "eos_token_id", None))
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
+        if self.source.kind == "hf":
+            gen_cfg = self.source.path / "generation_config.json"
+            if gen_cfg.is_file():
+                import json
+                add(json.loads(gen_cfg.read_text()).get("eos_token_id"))
+        elif str(getattr(self.hf_config, "model_type", "")).startswith("gemma"):
+            end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+            if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
+                ids.add(end_of_turn)
         return frozenset(ids)
 
     def tokenize(self, prompt: str) -> list[int]:

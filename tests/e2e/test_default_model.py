@@ -86,3 +86,9 @@ def test_chat_with_gemma_turn_format(heron_fp32):
     assert text.endswith("<start_of_turn>model\n")
     assert out.prompt_token_ids.count(tok.bos_token_id) == 1
     assert out.outputs[0].text.strip()
+
+
+def test_gemma_end_of_turn_is_an_eos(heron_fp32):
+    tok = heron_fp32.tokenizer
+    assert tok.convert_tokens_to_ids("<end_of_turn>") in heron_fp32.engine.eos_token_ids
+    assert tok.eos_token_id in heron_fp32.engine.eos_token_ids

@@ -118,3 +118,12 @@ def test_chat_uses_the_template_and_requires_one(llm):
     direct = llm.generate([[1, 10, 11, 12, 2, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                           use_tqdm=False)[0]
     assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_generation_config_eos_ids_are_used(tmp_path):
+    import json
+    folder = tmp_path / "m"
+    make_tiny_model("llama", folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    llm = LLM(model=str(folder), dtype="float32", load_progress=False)
+    assert llm.engine.eos_token_ids == frozenset({2, 7})
