@@ -1,4 +1,4 @@
-# heron: `make run` sets everything up and runs the main job with the default model;
+# heron: `make run` sets everything up and serves the default model (OpenAI API on 127.0.0.1:8000);
 # `make test` sets everything up and runs the test suite. Both create or reuse .venv.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -6,8 +6,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.heron-installed
 
 PROMPT ?= The three most important ideas in computer science are
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run generate test test-fast bench bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
+	$(VENV)/bin/heron serve --host $(HOST) --port $(PORT)
+
+generate: install
 	$(VENV)/bin/heron generate --max-tokens 64 "$(PROMPT)"
 
 test: install
@@ -28,6 +33,9 @@ test-fast: install
 
 bench: install
 	$(VENV)/bin/heron bench throughput --workload W1
+
+bench-serve: install   # against a running `make run`
+	$(VENV)/bin/heron bench serve --base-url http://$(HOST):$(PORT) --workload W3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,4 +1,4 @@
-"""heron's command line: `heron generate`, `heron bench throughput`."""
+"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|serve`."""
 from __future__ import annotations
 
 import argparse
@@ -111,11 +111,47 @@ def _stream_one(llm, prompt: str, params) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            print(f"heron serve: the model is given twice ({args.model_tag!r} and --model {args.model!r})",
+                  file=sys.stderr)
+            return 2
+        args.model = args.model_tag
+    from heron.server.api_server import run_server
+    return run_server(args)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: none)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use in `model` (default: the model argument, or gemma-3-270m)")
+    g.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file (or the template itself) overriding the tokenizer's")
+    g.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="answer 429 when this many sequences wait to be scheduled (default: 1024)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish (default: 30)")
+    g.add_argument("--max-request-body-mib", type=int, default=16,
+                   help="largest request body in MiB; larger ones get 413 (default: 16)")
+    g.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (default: warning)")
+
+
 def cmd_bench(args) -> int:
     if args.bench_cmd == "throughput":
         from heron.bench.throughput import run_throughput
         run_throughput(args, engine_kwargs(args))
         return 0
+    if args.bench_cmd == "serve":
+        from heron.bench.serve import run_serve_benchmark
+        summary = run_serve_benchmark(args)
+        return 0 if summary["completed"] else 1
     print(f"heron bench {args.bench_cmd}: not available yet", file=sys.stderr)
     return 2
 
@@ -123,6 +159,17 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="heron: LLM inference and serving on PyTorch")
     sub = parser.add_subparsers(dest="cmd", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default: the default model on "
+                                          "127.0.0.1:8000)",
+                           description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                                       "/v1/models) plus /health, /metrics, /tokenize, /detokenize, /version. "
+                                       "Prints one line with the URL when ready.")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="HF folder, .gguf file or gemma-3-270m (same as --model; default: gemma-3-270m)")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate text from a prompt (streamed) or a file of prompts (batched)",
                          description="Generate with the default model unless --model is given. A single prompt "
@@ -146,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--warmup", action="store_true", help="run one tiny request before timing")
     tp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_args(tp)
+    from heron.bench.serve import add_bench_serve_args
+    bs = bsub.add_parser("serve", help="load-test a running OpenAI-compatible server (TTFT/TPOT/ITL/E2E, goodput)",
+                         description="Poisson arrivals of random token-id prompts against a running server (heron, "
+                                     "vLLM, ...), streaming; prints percentiles of TTFT, TPOT, ITL and end-to-end "
+                                     "latency, throughput and goodput under --goodput SLOs, and saves JSON.")
+    add_bench_serve_args(bs)
     bench.set_defaults(func=cmd_bench)
     return parser
 

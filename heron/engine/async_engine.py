@@ -163,7 +163,7 @@ class AsyncEngine:
         if not ok:
             raise TimeoutError(f"the engine did not become ready within {timeout} s")
         if self._state != "ready":
-            raise EngineDeadError(f"the engine failed to start: {self.error!r}")
+            raise EngineDeadError(f"the engine failed to start: {self.error}")
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still in flight end with EngineDeadError."""
@@ -208,7 +208,8 @@ class AsyncEngine:
         try:
             engine = self._factory()
         except BaseException as e:  # noqa: BLE001 - reported through /health and the logs
-            logger.exception("the engine failed to load")
+            if not isinstance(e, ValueError):  # (a ValueError is a user error with a clear message)
+                logger.exception("the engine failed to load")
             self.error = e
             self._state = "dead"
             self._ready.set()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from heron.outputs import RequestOutput
 from heron.request import RequestStatus
@@ -27,6 +27,7 @@ _TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10
 
 class ServerMetrics:
     def __init__(self, model_name: str) -> None:
+        disable_created_metrics()  # no `*_created` series: they only add noise here
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
