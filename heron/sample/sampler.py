@@ -198,33 +198,54 @@ class Sampler:
 
     @staticmethod
     def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """One categorical draw per row by the exponential race: argmax(p_i / E_i).
+        """One categorical draw per row by inverse-CDF sampling: one uniform number per row.
 
-        With E_i ~ Exponential(1) i.i.d., argmax_i p_i / E_i = argmin_i E_i / p_i, and
-        E_i / p_i ~ Exponential(rate p_i): the first of independent exponential clocks to
-        ring is token i with probability p_i / sum(p). Unlike ``torch.multinomial`` on a
-        batch, the noise for a row is a plain [V] tensor that can come from that row's own
-        generator: a seeded request draws ``V`` numbers from its generator per step,
-        whatever other rows are in the batch and at which index it sits, so its tokens
-        are reproducible across batch compositions. Unseeded rows share one batched draw
-        from the global RNG (one kernel instead of one per row).
+        The token is the first index whose cumulative probability reaches r = (1 - u) * total
+        with u ~ Uniform[0, 1), so r is in (0, total] and a token of probability 0 (masked
+        by top-k/top-p/min-p or by -inf logits) can never be chosen: its cumulative value
+        equals its predecessor's. The cumulative sum is taken in float64 so that rounding
+        over a 262k vocabulary does not shift the distribution measurably.
 
-        E is drawn as -log(U), U ~ Uniform[0, 1): same distribution as ``exponential_``,
-        but ``exponential_`` is ~4x slower on CPU (~200 ms for 32 x 262k). U = 0 gives
-        E = inf and p / E = 0, so no NaN can make argmax pick a masked token.
+        Why not ``torch.multinomial`` or the exponential race (argmax p / E): both draw a
+        number per vocabulary entry (or, for multinomial on CPU, are far slower); here a
+        seeded request draws exactly one number per step from its own generator, so its
+        tokens do not depend on the other rows of the batch or on its row index, and
+        unseeded rows share one batched draw from the global RNG. On CPU this is ~6x
+        cheaper than the race for 64 rows x 262k tokens (the uniform noise alone was ~90 ms).
         """
-        noise = torch.empty_like(probs)
+        num_rows = probs.shape[0]
+        u = torch.empty(num_rows, 1, dtype=torch.float64, device=probs.device)
         seeded = [i for i, g in enumerate(generators) if g is not None]
-        if not seeded:
-            noise.uniform_()
-        else:
-            unseeded = [i for i, g in enumerate(generators) if g is None]
-            if unseeded:
-                idx_t = torch.tensor(unseeded, device=probs.device)
-                noise[idx_t] = torch.empty(
-                    len(unseeded), probs.shape[1], dtype=probs.dtype, device=probs.device
-                ).uniform_()
-            for i in seeded:
-                noise[i].uniform_(generator=generators[i])
-        noise.log_().neg_()
-        return probs.div_(noise).argmax(dim=-1)
+        if len(seeded) < num_rows:
+            u.uniform_()
+        for i in seeded:
+            u[i].uniform_(generator=generators[i])
+        return _inverse_cdf(probs, u)
+
+
+_CDF_CHUNK = 1024
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """First index whose cumulative probability reaches (1 - u) * total, per row.
+
+    Two levels, for speed at float64-like accuracy: a float32 cumsum inside chunks of 1024
+    tokens (error ~1e-4 of one chunk's mass) and a float64 cumsum over chunk totals
+    (a full float64 cumsum over 262k tokens costs 3x more on CPU). Zero-probability tokens
+    are never returned: the chosen chunk has positive mass, and inside it the target is
+    clamped to (0, chunk total], so the first index reaching it has positive probability.
+    """
+    rows, vocab = probs.shape
+    pad = (-vocab) % _CDF_CHUNK
+    if pad:
+        probs = torch.nn.functional.pad(probs, (0, pad))
+    inner = torch.cumsum(probs.view(rows, -1, _CDF_CHUNK), dim=-1)          # [R, C, 1024] float32
+    outer = torch.cumsum(inner[..., -1].double(), dim=-1)                    # [R, C] float64
+    r = (1.0 - u) * outer[:, -1:]                                            # (0, total]
+    chunk = torch.searchsorted(outer, r).clamp_(max=outer.shape[1] - 1)      # first chunk reaching r
+    before = torch.where(chunk > 0, outer.gather(1, (chunk - 1).clamp(min=0)), torch.zeros_like(r))
+    in_chunk = inner[torch.arange(rows, device=probs.device), chunk.squeeze(1)]  # [R, 1024]
+    target = (r - before).float().clamp_(min=torch.finfo(torch.float32).tiny)
+    target = torch.minimum(target, in_chunk[:, -1:])
+    offset = torch.searchsorted(in_chunk, target).clamp_(max=_CDF_CHUNK - 1)
+    return (chunk * _CDF_CHUNK + offset).squeeze(1).clamp_(max=vocab - 1)
