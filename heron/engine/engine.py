@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,6 @@ class RequestGroup:
     arrival_time: float
     prompt_logprobs: list | None = None
     finished: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _to_position_logprobs(tlp, tokenizer) -> dict[int, Logprob]:

@@ -7,7 +7,6 @@ asked for prompt logprobs).
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +19,6 @@ from heron.runner.attention import AttentionMetadata, get_attention_backend
 from heron.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_memory
 from heron.sample.sampler import Sampler, SamplingRow, TokenLogprobs, compute_prompt_logprobs
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

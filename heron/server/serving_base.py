@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi.responses import JSONResponse
@@ -66,7 +66,6 @@ class ServerContext:
     max_num_seqs: int = 128
     max_prompts_per_request: int = 256
     draining: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
