@@ -1,4 +1,4 @@
-"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|serve`."""
+"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|serve`."""
 from __future__ import annotations
 
 import argparse
@@ -148,12 +148,15 @@ def cmd_bench(args) -> int:
         from heron.bench.throughput import run_throughput
         run_throughput(args, engine_kwargs(args))
         return 0
+    if args.bench_cmd == "latency":
+        from heron.bench.latency import run_latency
+        run_latency(args, engine_kwargs(args))
+        return 0
     if args.bench_cmd == "serve":
         from heron.bench.serve import run_serve_benchmark
         summary = run_serve_benchmark(args)
         return 0 if summary["completed"] else 1
-    print(f"heron bench {args.bench_cmd}: not available yet", file=sys.stderr)
-    return 2
+    raise ValueError(f"unknown benchmark {args.bench_cmd!r}; choose throughput, latency or serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--warmup", action="store_true", help="run one tiny request before timing")
     tp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_args(tp)
+    lat = bsub.add_parser("latency", help="single-stream latency on W2 (TTFT, decode ms/token); prints and saves "
+                                          "one JSON line",
+                          description="Runs one prompt at a time (W2: 256 prompt tokens, 256 greedy output tokens, "
+                                      "EOS ignored) --iters times and reports the medians: output tokens/s "
+                                      "including prefill, time to first token, decode time per token.")
+    lat.add_argument("--workload", default="W2", choices=["W2"])
+    lat.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: the workload's 256)")
+    lat.add_argument("--output-len", type=int, default=None, help="output tokens (default: the workload's 256)")
+    lat.add_argument("--iters", type=int, default=3, help="timed runs; the medians are reported (default: 3)")
+    lat.add_argument("--warmup-iters", type=int, default=1, help="untimed short runs first (default: 1)")
+    lat.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_W2_latency.json)")
+    lat.add_argument("--quiet", action="store_true", help="only the JSON line")
+    add_engine_args(lat)
     from heron.bench.serve import add_bench_serve_args
     bs = bsub.add_parser("serve", help="load-test a running OpenAI-compatible server (TTFT/TPOT/ITL/E2E, goodput)",
                          description="Poisson arrivals of random token-id prompts against a running server (heron, "

@@ -4,11 +4,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron.ops.cpu import fused_ops
+
 
 class SiluAndMul(nn.Module):
     """x = [gate, up] -> silu(gate) * up (SwiGLU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.act_and_mul(x, False)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -17,6 +22,9 @@ class GeluTanhAndMul(nn.Module):
     """x = [gate, up] -> gelu_tanh(gate) * up (GeGLU, Gemma)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.act_and_mul(x, True)
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 

@@ -30,4 +30,10 @@ class ParallelLMHead(nn.Module):
             self.weight.weight_loader = default_weight_loader
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        w = self.weight
+        if hidden.shape[0] >= 8 and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+            # W @ h^T: for a tall vocabulary matrix oneDNN runs this shape about twice as fast
+            # as h @ W^T at 8-128 rows on CPU. The result is a [R, V] view with contiguous
+            # columns; the greedy argmax kernel reads it in place, other users copy it.
+            return torch.mm(w, hidden.t()).t()
+        return F.linear(hidden, w)

@@ -34,8 +34,31 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
 
+    packed_weight: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        """On CPU with bf16 weights: re-lay the weight out once in oneDNN's blocked format.
+
+        F.linear hands oneDNN a plain row-major weight, which it re-blocks on every call; at
+        decode batch sizes that re-blocking streams the whole weight through memory once more
+        per step (~1.7x slower at 64 rows here). The packed copy replaces the weight (no extra
+        memory) and gives bit-identical results."""
+        w = self.weight
+        if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not _can_pack():
+            return
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 64)
+        self.weight = None  # the plain copy is no longer needed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [None], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _can_pack() -> bool:
+    import os
+    return (os.environ.get("HERON_NO_PACKED_WEIGHTS", "") in ("", "0") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class ColumnParallelLinear(LinearBase):

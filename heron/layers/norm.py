@@ -1,8 +1,14 @@
-"""RMSNorm in float32, in the two conventions: `w * x` (Llama, Qwen) and `(1 + w) * x` (Gemma)."""
+"""RMSNorm in float32, in the two conventions: `w * x` (Llama, Qwen) and `(1 + w) * x` (Gemma).
+
+bf16 activations on CPU go through one fused C++ op (heron.ops.cpu) with the same rounding
+steps; GemmaRMSNorm can also add a residual to its output in the same pass.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from heron.ops.cpu import fused_ops
 
 
 class RMSNorm(nn.Module):
@@ -12,6 +18,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = fused_ops(x)
+        if ops is not None and self.weight.dtype == torch.bfloat16:
+            return ops.rms_norm(x, self.weight, self.eps, False, None)
         # same order of operations as HF's LlamaRMSNorm, so float32 results match bit for bit
         dtype = x.dtype
         h = x.float()
@@ -25,7 +34,12 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or residual + norm(x) when a residual is given."""
+        ops = fused_ops(x)
+        if ops is not None and self.weight.dtype == torch.bfloat16:
+            return ops.rms_norm(x, self.weight, self.eps, True, residual)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
+        out = (h * (1.0 + self.weight.float())).to(x.dtype)
+        return out if residual is None else residual + out

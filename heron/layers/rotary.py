@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from heron.ops.cpu import fused_ops
+
 try:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 except ImportError:  # pragma: no cover
@@ -59,6 +61,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D], cos/sin [T, D]."""
+    ops = fused_ops(x)
+    if ops is not None and cos.dtype == torch.bfloat16 and x.stride(-1) == 1:
+        return ops.rope(x, cos, sin)
     cos = cos[:, None, :]
     sin = sin[:, None, :]
     return (x * cos) + (_rotate_half(x) * sin)

@@ -66,10 +66,10 @@ class Gemma3DecoderLayer(nn.Module):
     def forward(self, hidden, cos, sin, kv_cache, meta):
         residual = hidden
         hidden = self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        hidden = residual + self.post_attention_layernorm(hidden)
+        hidden = self.post_attention_layernorm(hidden, residual=residual)
         residual = hidden
         hidden = self.mlp(self.pre_feedforward_layernorm(hidden))
-        return residual + self.post_feedforward_layernorm(hidden)
+        return self.post_feedforward_layernorm(hidden, residual=residual)
 
 
 class Gemma3TextModel(nn.Module):

@@ -57,6 +57,9 @@ class ModelRunner:
         with _default_dtype(self.dtype), torch.device(self.device):
             self.model = cls(hf_config)
         self.model.load_weights(weights)
+        for module in self.model.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
         self.model.eval()
         self.num_layers = hf_config.num_hidden_layers
         self.vocab_size = hf_config.vocab_size

@@ -62,6 +62,26 @@ def test_decode_matches_reference(backend, dtype, tol, hq, hkv, d, window):
         torch.testing.assert_close(out[i].float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bs,window", [(8, None), (32, None), (32, 40)])
+def test_decode_block_sizes(backend, dtype, tol, bs, window):
+    # blocks shorter and longer than the kernel's 16-wide softmax chunks, and windows that
+    # start inside a block
+    be = get_attention_backend(backend)
+    seq_lens = [1, 7, 31, 33, 100]
+    kv, tables, q, contexts = _make_case(dtype, 4, 1, 256, window, seq_lens, bs=bs, seed=1)
+    spec = AttentionSpec(4, 1, 256, 256 ** -0.5, window)
+    meta = AttentionMetadata(block_size=bs, slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(seq_lens),
+                             decode_block_tables=tables, decode_seq_lens=torch.tensor(seq_lens),
+                             prefill_query_starts=[], prefill_query_lens=[], prefill_context_lens=[],
+                             prefill_block_tables=[], backend=be)
+    out = be._decode(spec, q, kv, meta)
+    for i, (keys, values) in enumerate(contexts):
+        torch.testing.assert_close(out[i].float(), _reference(q[i], keys, values, spec.scale, window),
+                                   atol=tol, rtol=tol)
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="available: auto, torch, cpu"):
         get_attention_backend("flash")

@@ -62,7 +62,8 @@ def get_attention_backend(name: str = "auto", device: torch.device | None = None
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}")
     if name == "torch" or (name == "auto" and device is not None and device.type != "cpu"):
         return TorchAttentionBackend()
+    from heron.ops.cpu import load_kernel
     from heron.runner.attention import cpu_backend
     if name == "cpu":
         return cpu_backend.CpuAttentionBackend()
-    return cpu_backend.CpuAttentionBackend() if cpu_backend.load_kernel() is not None else TorchAttentionBackend()
+    return cpu_backend.CpuAttentionBackend() if load_kernel() is not None else TorchAttentionBackend()

@@ -1,0 +1,88 @@
+"""heron's C++ CPU kernels (heron/ops/csrc/cpu_kernels.cpp): paged-attention decode and a
+row argmax over bf16/float32 logits.
+
+Compiled on first use with torch's C++ extension tooling (about 30 s, once per machine;
+cached under $HERON_CACHE_DIR/kernels, default ~/.cache/heron/kernels, keyed by the source,
+torch version and CPU flags). Callers fall back to plain torch when no compiler is available.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+_SRC = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HERON_CACHE_DIR", Path.home() / ".cache" / "heron"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def load_kernel():
+    """Build (once) and return the extension module, or None if it cannot be built."""
+    global _module, _error
+    with _lock:
+        if _module is not None or _error is not None:
+            return _module
+        try:
+            from torch.utils.cpp_extension import load_inline
+            src = _SRC.read_text()
+            key = hashlib.sha256((src + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:16]
+            name = f"heron_cpu_kernels_{key}"
+            build_dir = _cache_root() / "kernels" / name
+            build_dir.mkdir(parents=True, exist_ok=True)
+            if not (build_dir / f"{name}.so").exists():
+                logger.info("compiling heron's CPU kernels (one-off, ~30 s) in %s", build_dir)
+            _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "argmax_rows", "rms_norm", "act_and_mul", "rope"],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  build_directory=str(build_dir), verbose=False)
+        except Exception as e:  # no compiler, no ninja, unsupported platform ...
+            _error = f"{type(e).__name__}: {e}"
+            logger.warning("CPU kernels unavailable (%s); using plain torch", _error[:300])
+        return _module
+
+
+def kernel_error() -> str | None:
+    """Why the kernels could not be built (None if they were, or were not tried yet)."""
+    return _error
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """Index of the first maximum of each row of a [R, V] float32/bf16 CPU tensor (rows or
+    columns contiguous), or None when the kernel is unavailable for this input."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float32) or logits.dim() != 2:
+        return None
+    if logits.stride(1) != 1 and logits.stride(0) != 1:
+        return None
+    mod = load_kernel()
+    return None if mod is None else mod.argmax_rows(logits)
+
+
+def fused_ops(x: torch.Tensor):
+    """The kernels module when `x` can take the fused bf16 CPU ops (rms_norm, act_and_mul,
+    rope), else None. They reproduce torch's bf16 rounding steps; float32 models keep the plain
+    torch expressions, which match HF's bit for bit."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or _disabled:
+        return None
+    return load_kernel()
+
+
+_disabled = os.environ.get("HERON_NO_FUSED_OPS", "") not in ("", "0")

@@ -1,0 +1,679 @@
+// heron's CPU kernels.
+// paged_decode: paged attention for decode rows; reads K/V blocks in place (no gathered copy),
+//   online softmax in float32, one work item per (request, kv head) in torch's thread pool.
+// argmax_rows: index of the first maximum of each row of [R, V] logits (bf16 or float32),
+//   rows or columns contiguous, split over the vocabulary across threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline void load_row(const T* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  // 16 partial sums so the compiler can keep one vector accumulator without -ffast-math
+  float part[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) s += part[j];
+  return s;
+}
+
+template <typename T>
+void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const int64_t* seq_lens, T* out,
+                   int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t num_blocks, int64_t bs,
+                   int64_t max_blocks, int64_t window, float scale) {
+  const int64_t G = Hq / Hkv;
+  const int64_t v_offset = num_blocks * bs * Hkv * D;  // kv[1] starts here
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), kf(bs * D), vf(D), scores(G * bs), m(G), l(G);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t seq_len = seq_lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      for (int64_t g = 0; g < G; ++g) {
+        load_row(q + (b * Hq + h * G + g) * D, qf.data() + g * D, D);
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] *= scale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t* table = block_tables + b * max_blocks;
+      for (int64_t blk = start / bs; blk * bs < seq_len; ++blk) {
+        const int64_t t0 = std::max(blk * bs, start), t1 = std::min((blk + 1) * bs, seq_len);
+        const int64_t n = t1 - t0;
+        const int64_t base = ((table[blk] * bs + (t0 - blk * bs)) * Hkv + h) * D;
+        for (int64_t t = 0; t < n; ++t) load_row(kv + base + t * Hkv * D, kf.data() + t * D, D);
+        for (int64_t g = 0; g < G; ++g) {
+          float bmax = m[g];
+          for (int64_t t = 0; t < n; ++t) {
+            float s = dot(qf.data() + g * D, kf.data() + t * D, D);
+            scores[g * bs + t] = s;
+            bmax = std::max(bmax, s);
+          }
+          const float corr = std::exp(m[g] - bmax);  // exp(-inf) = 0 on the first block
+          l[g] *= corr;
+          float* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+          m[g] = bmax;
+          for (int64_t t = 0; t < n; ++t) {
+            const float p = std::exp(scores[g * bs + t] - bmax);
+            scores[g * bs + t] = p;
+            l[g] += p;
+          }
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          load_row(kv + v_offset + base + t * Hkv * D, vf.data(), D);
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * bs + t];
+            float* a = acc.data() + g * D;
+            for (int64_t d = 0; d < D; ++d) a[d] += p * vf[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / l[g];
+        T* o = out + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+
+#if defined(__AVX512F__)
+// bf16 fast path: keys/values are read in place (no float copy of the block), each key is
+// loaded once for all G query heads of its group, softmax weights are computed 16 at a time.
+// With AVX512-BF16 and D % 32 == 0 the q.k products use VDPBF16PS on the raw bf16 query and
+// key (bf16 x bf16 products are exact in float32; the scale is applied to the float32 score).
+inline __m512 load_bf16x16(const c10::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp for x <= 0 (Cephes' expf polynomial on the reduced argument; ~1 ulp); below -87 it
+// returns ~1e-38 instead of 0, harmless for softmax weights.
+inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// G (query heads per KV head) is a compile-time constant so that the per-head accumulators
+// live in registers; two keys at a time in q.k and two 16-wide chunks of D at a time in p.v
+// give the FMA units independent dependency chains.
+template <int G, bool kBf16Dot>
+void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, const int64_t* block_tables,
+                               const int64_t* seq_lens, c10::BFloat16* out, int64_t B, int64_t Hq, int64_t Hkv,
+                               int64_t D, int64_t num_blocks, int64_t bs, int64_t max_blocks, int64_t window,
+                               float scale) {
+  const int64_t v_offset = num_blocks * bs * Hkv * D;
+  const int64_t row_stride = Hkv * D;  // between consecutive tokens of one block
+  const int64_t bs_pad = (bs + 15) / 16 * 16 + 16;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), scores(G * bs_pad);
+    float m[G], l[G];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t seq_len = seq_lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      const c10::BFloat16* qbase = q + (b * Hq + h * G) * D;  // G consecutive query rows
+      for (int g = 0; g < G; ++g) {
+        if (!kBf16Dot)
+          for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(qbase[g * D + d]) * scale;
+        m[g] = -std::numeric_limits<float>::infinity();
+        l[g] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t* table = block_tables + b * max_blocks;
+      for (int64_t blk = start / bs; blk * bs < seq_len; ++blk) {
+        const int64_t t0 = std::max(blk * bs, start), t1 = std::min((blk + 1) * bs, seq_len);
+        const int64_t n = t1 - t0;
+        const c10::BFloat16* kbase = kv + ((table[blk] * bs + (t0 - blk * bs)) * Hkv + h) * D;
+        const c10::BFloat16* vbase = kbase + v_offset;
+        // scores[g][t] = scale * q_g . k_t, two keys per pass (the second one repeats the
+        // first when n is odd; its score lands in the padding)
+        for (int64_t t = 0; t < n; t += 2) {
+          const c10::BFloat16* k0 = kbase + t * row_stride;
+          const c10::BFloat16* k1 = t + 1 < n ? k0 + row_stride : k0;
+          __m512 s0[G], s1[G];
+          for (int g = 0; g < G; ++g) s0[g] = s1[g] = _mm512_setzero_ps();
+          if constexpr (kBf16Dot) {
+#if defined(__AVX512BF16__)
+            for (int64_t d = 0; d < D; d += 32) {
+              const __m512bh kx0 = (__m512bh)_mm512_loadu_si512(k0 + d);
+              const __m512bh kx1 = (__m512bh)_mm512_loadu_si512(k1 + d);
+              for (int g = 0; g < G; ++g) {
+                const __m512bh qx = (__m512bh)_mm512_loadu_si512(qbase + g * D + d);
+                s0[g] = _mm512_dpbf16_ps(s0[g], qx, kx0);
+                s1[g] = _mm512_dpbf16_ps(s1[g], qx, kx1);
+              }
+            }
+            for (int g = 0; g < G; ++g) {
+              scores[g * bs_pad + t] = _mm512_reduce_add_ps(s0[g]) * scale;
+              scores[g * bs_pad + t + 1] = _mm512_reduce_add_ps(s1[g]) * scale;
+            }
+#endif
+          } else {
+            for (int64_t d = 0; d < D; d += 16) {
+              const __m512 kx0 = load_bf16x16(k0 + d), kx1 = load_bf16x16(k1 + d);
+              for (int g = 0; g < G; ++g) {
+                const __m512 qx = _mm512_loadu_ps(&qf[g * D + d]);
+                s0[g] = _mm512_fmadd_ps(qx, kx0, s0[g]);
+                s1[g] = _mm512_fmadd_ps(qx, kx1, s1[g]);
+              }
+            }
+            for (int g = 0; g < G; ++g) {
+              scores[g * bs_pad + t] = _mm512_reduce_add_ps(s0[g]);
+              scores[g * bs_pad + t + 1] = _mm512_reduce_add_ps(s1[g]);
+            }
+          }
+        }
+        // online softmax update per head, 16 scores at a time
+        for (int g = 0; g < G; ++g) {
+          float* sc = &scores[g * bs_pad];
+          __m512 vmax = _mm512_set1_ps(m[g]);
+          for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+            vmax = _mm512_mask_max_ps(vmax, mask, vmax, _mm512_maskz_loadu_ps(mask, sc + t));
+          }
+          const float bmax = _mm512_reduce_max_ps(vmax);
+          const float corr = std::exp(m[g] - bmax);  // exp(-inf) = 0 on the first block
+          m[g] = bmax;
+          __m512 vsum = _mm512_setzero_ps();
+          const __m512 vb = _mm512_set1_ps(bmax);
+          for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+            const __m512 p = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + t), vb));
+            _mm512_mask_storeu_ps(sc + t, mask, p);
+            vsum = _mm512_mask_add_ps(vsum, mask, vsum, p);
+          }
+          l[g] = l[g] * corr + _mm512_reduce_add_ps(vsum);
+          if (corr != 1.f) {
+            const __m512 c = _mm512_set1_ps(corr);
+            float* a = &acc[g * D];
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), c));
+          }
+        }
+        // acc[g] += p[g][t] * v_t, each v chunk loaded once for all heads
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32) {
+          __m512 a0[G], a1[G];
+          for (int g = 0; g < G; ++g) {
+            a0[g] = _mm512_loadu_ps(&acc[g * D + d]);
+            a1[g] = _mm512_loadu_ps(&acc[g * D + d + 16]);
+          }
+          for (int64_t t = 0; t < n; ++t) {
+            const __m512 vx0 = load_bf16x16(vbase + t * row_stride + d);
+            const __m512 vx1 = load_bf16x16(vbase + t * row_stride + d + 16);
+            for (int g = 0; g < G; ++g) {
+              const __m512 p = _mm512_set1_ps(scores[g * bs_pad + t]);
+              a0[g] = _mm512_fmadd_ps(p, vx0, a0[g]);
+              a1[g] = _mm512_fmadd_ps(p, vx1, a1[g]);
+            }
+          }
+          for (int g = 0; g < G; ++g) {
+            _mm512_storeu_ps(&acc[g * D + d], a0[g]);
+            _mm512_storeu_ps(&acc[g * D + d + 16], a1[g]);
+          }
+        }
+        for (; d < D; d += 16) {
+          __m512 a0[G];
+          for (int g = 0; g < G; ++g) a0[g] = _mm512_loadu_ps(&acc[g * D + d]);
+          for (int64_t t = 0; t < n; ++t) {
+            const __m512 vx0 = load_bf16x16(vbase + t * row_stride + d);
+            for (int g = 0; g < G; ++g) a0[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * bs_pad + t]), vx0, a0[g]);
+          }
+          for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * D + d], a0[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const float inv = 1.f / l[g];
+        c10::BFloat16* o = out + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<c10::BFloat16>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+// runs the AVX-512 kernel for a supported group size; false if G has no instantiation
+template <bool kBf16Dot>
+bool dispatch_bf16_avx512(int64_t G, const c10::BFloat16* q, const c10::BFloat16* kv, const int64_t* tables,
+                          const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                          int64_t N, int64_t bs, int64_t mb, int64_t window, float scale) {
+  switch (G) {
+    case 1: decode_kernel_bf16_avx512<1, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    case 2: decode_kernel_bf16_avx512<2, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    case 4: decode_kernel_bf16_avx512<4, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    case 8: decode_kernel_bf16_avx512<8, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    default: return false;
+  }
+}
+#endif
+
+
+// ---- argmax over logits rows -----------------------------------------------------------
+constexpr int64_t kArgmaxChunk = 8192;  // vocabulary entries per work item
+
+template <typename T>
+void argmax_chunk_scalar(const T* x, int64_t R, int64_t s0, int64_t s1, int64_t c0, int64_t c1, float* best,
+                         int64_t* idx) {
+  for (int64_t r = 0; r < R; ++r) {
+    float bv = -std::numeric_limits<float>::infinity();
+    int64_t bi = c0;
+    for (int64_t n = c0; n < c1; ++n) {
+      const float v = to_float(x[r * s0 + n * s1]);
+      if (v > bv) { bv = v; bi = n; }
+    }
+    best[r] = bv;
+    idx[r] = bi;
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// rows contiguous: each row's chunk scanned 16 entries at a time; every lane keeps the
+// first position of its own maximum, so the row's first maximum is the smallest position
+// among the lanes holding the largest value
+template <typename T>
+void argmax_chunk_rows(const T* x, int64_t R, int64_t s0, int64_t c0, int64_t c1, float* best, int64_t* idx) {
+  const __m512i step = _mm512_set1_epi32(16);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* row = x + r * s0;
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __m512i vpos = _mm512_set1_epi32(static_cast<int>(c0));
+    __m512i cur = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c0)),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (int64_t n = c0; n < c1; n += 16) {
+      const __mmask16 m = c1 - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (c1 - n)) - 1);
+      const __m512 v = load16(row + n, m);
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(m, v, vmax, _CMP_GT_OQ);
+      vmax = _mm512_mask_blend_ps(gt, vmax, v);
+      vpos = _mm512_mask_blend_epi32(gt, vpos, cur);
+      cur = _mm512_add_epi32(cur, step);
+    }
+    const float mx = _mm512_reduce_max_ps(vmax);
+    const __mmask16 at = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(mx), _CMP_EQ_OQ);
+    const int pos = _mm512_mask_reduce_min_epi32(at, vpos);
+    best[r] = mx;
+    idx[r] = at ? pos : c0;
+  }
+}
+
+// columns contiguous ([V, R] storage, e.g. W @ h^T): 16 rows per vector, one position at a time
+template <typename T>
+void argmax_chunk_cols(const T* x, int64_t R, int64_t s1, int64_t c0, int64_t c1, float* best, int64_t* idx) {
+  for (int64_t r0 = 0; r0 < R; r0 += 16) {
+    const __mmask16 m = R - r0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (R - r0)) - 1);
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __m512i vpos = _mm512_set1_epi32(static_cast<int>(c0));
+    for (int64_t n = c0; n < c1; ++n) {
+      const __m512 v = load16(x + n * s1 + r0, m);
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(m, v, vmax, _CMP_GT_OQ);
+      vmax = _mm512_mask_blend_ps(gt, vmax, v);
+      vpos = _mm512_mask_blend_epi32(gt, vpos, _mm512_set1_epi32(static_cast<int>(n)));
+    }
+    float bv[16];
+    int32_t bp[16];
+    _mm512_storeu_ps(bv, vmax);
+    _mm512_storeu_si512(bp, vpos);
+    for (int64_t r = r0; r < std::min(R, r0 + 16); ++r) {
+      best[r] = bv[r - r0];
+      idx[r] = bp[r - r0];
+    }
+  }
+}
+#endif
+
+template <typename T>
+void argmax_rows_impl(const T* x, int64_t R, int64_t V, int64_t s0, int64_t s1, int64_t* out) {
+  const int64_t chunks = (V + kArgmaxChunk - 1) / kArgmaxChunk;
+  std::vector<float> best(chunks * R);
+  std::vector<int64_t> idx(chunks * R);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t c0 = c * kArgmaxChunk, c1 = std::min(V, c0 + kArgmaxChunk);
+      float* b = best.data() + c * R;
+      int64_t* i = idx.data() + c * R;
+#if defined(__AVX512F__)
+      if (s1 == 1) { argmax_chunk_rows(x, R, s0, c0, c1, b, i); continue; }
+      if (s0 == 1) { argmax_chunk_cols(x, R, s1, c0, c1, b, i); continue; }
+#endif
+      argmax_chunk_scalar(x, R, s0, s1, c0, c1, b, i);
+    }
+  });
+  for (int64_t r = 0; r < R; ++r) {
+    float bv = best[r];
+    int64_t bi = idx[r];
+    for (int64_t c = 1; c < chunks; ++c)
+      if (best[c * R + r] > bv) { bv = best[c * R + r]; bi = idx[c * R + r]; }  // ties keep the earlier chunk
+    out[r] = bi;
+  }
+}
+
+
+// ---- fused elementwise ops for bf16 activations --------------------------------------------
+// Each reproduces the rounding steps of the torch expression it replaces (float32 math,
+// bf16 results where torch rounds), in one pass and one op instead of 5-10.
+inline float bf2f(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f2bf(float f) {  // round to nearest even, as c10::BFloat16 (NaN stays NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+#if defined(__AVX512F__)
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+inline __m512 ldbf(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512i rne_bits(__m512 v) {  // float bits rounded to the nearest even bf16, NaN kept NaN
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+}
+inline void stbf(uint16_t* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rne_bits(v), 16)));
+}
+inline __m512 rbf(__m512 v) {  // round to bf16 and back
+  return _mm512_castsi512_ps(_mm512_and_si512(rne_bits(v), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline __m512 exp_any(__m512 x) {  // exp on [-87, 88] (clamped), Cephes polynomial
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                                      _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+// tanh as Cephes' tanhf: an odd polynomial below |y| = 0.625 (no cancellation near 0), else
+// sign(y) (1 - 2 / (exp(2|y|) + 1))
+inline __m512 tanh512(__m512 y) {
+  const __m512 ay = _mm512_abs_ps(y);
+  const __m512 s = _mm512_mul_ps(y, y);
+  __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(2.06390887954e-2f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-5.37397155531e-2f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.33314422036e-1f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-3.33332819422e-1f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, s), y, y);
+  const __m512 e = exp_any(_mm512_add_ps(ay, ay));
+  __m512 big = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  big = _mm512_or_ps(big, _mm512_and_ps(y, _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)))));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ay, _mm512_set1_ps(0.625f), _CMP_LT_OQ), big, small);
+}
+#endif
+
+inline int64_t rows_grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
+
+// out = norm(x) or residual + norm(x); gemma: norm = bf16((h*r) * (1 + w)), else bf16(w * bf16(h*r))
+void rms_norm_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* res, uint16_t* out, int64_t R, int64_t D,
+                   float eps, bool gemma) {
+  std::vector<float> wf(D);
+  for (int64_t d = 0; d < D; ++d) wf[d] = gemma ? 1.0f + bf2f(w[d]) : bf2f(w[d]);
+  at::parallel_for(0, R, rows_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* xr = x + r * D;
+      uint16_t* o = out + r * D;
+      const uint16_t* rr = res ? res + r * D : nullptr;
+#if defined(__AVX512F__)
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 v = ldbf(xr + d, tail_mask(D - d));
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps);
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        const __m512 h = _mm512_mul_ps(ldbf(xr + d, m), vinv);
+        const __m512 wv = _mm512_maskz_loadu_ps(m, wf.data() + d);
+        __m512 y = rbf(gemma ? _mm512_mul_ps(h, wv) : _mm512_mul_ps(wv, rbf(h)));
+        if (rr) y = _mm512_add_ps(ldbf(rr + d, m), y);
+        stbf(o + d, y, m);
+      }
+#else
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) { const float v = bf2f(xr[d]); ss += v * v; }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+      for (int64_t d = 0; d < D; ++d) {
+        const float h = bf2f(xr[d]) * inv;
+        float y = round_bf(gemma ? h * wf[d] : wf[d] * round_bf(h));
+        if (rr) y = bf2f(rr[d]) + y;
+        o[d] = f2bf(y);
+      }
+#endif
+    }
+  });
+}
+
+// out[r] = act(x[r, :F]) * x[r, F:], act rounded to bf16 first as torch does in bf16
+void act_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t R, int64_t F, bool gelu_tanh) {
+  at::parallel_for(0, R, rows_grain(2 * F), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* g = x + r * 2 * F;
+      const uint16_t* u = g + F;
+      uint16_t* o = out + r * F;
+#if defined(__AVX512F__)
+      for (int64_t i = 0; i < F; i += 16) {
+        const __mmask16 m = tail_mask(F - i);
+        const __m512 gv = ldbf(g + i, m);
+        __m512 a;
+        if (gelu_tanh) {
+          // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+          const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(gv, gv), gv);
+          const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                             _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, gv));
+          const __m512 th = tanh512(inner);
+          a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), gv), _mm512_add_ps(_mm512_set1_ps(1.0f), th));
+        } else {
+          a = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_any(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        }
+        stbf(o + i, _mm512_mul_ps(rbf(a), ldbf(u + i, m)), m);
+      }
+#else
+      for (int64_t i = 0; i < F; ++i) {
+        const float gv = bf2f(g[i]);
+        const float a = gelu_tanh ? 0.5f * gv * (1.0f + std::tanh(0.7978845608028654f * (gv + 0.044715f * gv * gv * gv)))
+                                  : gv / (1.0f + std::exp(-gv));
+        o[i] = f2bf(round_bf(a) * bf2f(u[i]));
+      }
+#endif
+    }
+  });
+}
+
+// x [T, H, D] (rows of D may be strided by row_stride) rotated in place, NEOX layout:
+// x*cos + rotate_half(x)*sin with both products and the sum rounded to bf16
+void rope_bf16(uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t T, int64_t H, int64_t D,
+               int64_t token_stride, int64_t head_stride) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T, rows_grain(H * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const uint16_t* c = cos + t * D;
+      const uint16_t* s = sin + t * D;
+      for (int64_t h = 0; h < H; ++h) {
+        uint16_t* v = x + t * token_stride + h * head_stride;
+        for (int64_t d = 0; d < D; ++d) {
+          const float rot = d < half ? -bf2f(v[d + half]) : bf2f(v[d - half]);
+          tmp[d] = round_bf(bf2f(v[d]) * bf2f(c[d])) + round_bf(rot * bf2f(s[d]));
+        }
+        for (int64_t d = 0; d < D; ++d) v[d] = f2bf(tmp[d]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
+                           torch::Tensor seq_lens, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5, "q [B,Hq,D], kv_cache [2,N,bs,Hkv,D]");
+  TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && block_tables.is_contiguous() &&
+              seq_lens.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache dtypes differ");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t N = kv_cache.size(1), bs = kv_cache.size(2), Hkv = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D && Hq % Hkv == 0, "head shapes do not match");
+  auto out = torch::empty_like(q);
+  const int64_t max_blocks = block_tables.size(1);
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kBFloat16 && D % 16 == 0) {
+    const auto* qp = q.data_ptr<c10::BFloat16>();
+    const auto* kvp = kv_cache.data_ptr<c10::BFloat16>();
+    auto* op = out.data_ptr<c10::BFloat16>();
+    const float sc = static_cast<float>(scale);
+#if defined(__AVX512BF16__)
+    if (D % 32 == 0 && dispatch_bf16_avx512<true>(Hq / Hkv, qp, kvp, block_tables.data_ptr<int64_t>(),
+                                                   seq_lens.data_ptr<int64_t>(), op, B, Hq, Hkv, D, N, bs,
+                                                   max_blocks, window, sc))
+      return out;
+#endif
+    if (dispatch_bf16_avx512<false>(Hq / Hkv, qp, kvp, block_tables.data_ptr<int64_t>(),
+                                    seq_lens.data_ptr<int64_t>(), op, B, Hq, Hkv, D, N, bs, max_blocks, window, sc))
+      return out;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int64_t>(),
+                            seq_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D, N, bs,
+                            max_blocks, window, static_cast<float>(scale));
+  });
+  return out;
+}
+
+torch::Tensor argmax_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be [R, V]");
+  TORCH_CHECK(logits.stride(1) == 1 || logits.stride(0) == 1, "rows or columns of logits must be contiguous");
+  TORCH_CHECK(logits.size(1) < (int64_t(1) << 31), "vocabulary too large");
+  const int64_t R = logits.size(0), V = logits.size(1);
+  auto out = torch::empty({R}, torch::kLong);
+  if (R == 0) return out;
+  TORCH_CHECK(V > 0, "empty vocabulary");
+  if (logits.scalar_type() == at::kBFloat16)
+    argmax_rows_impl(logits.data_ptr<c10::BFloat16>(), R, V, logits.stride(0), logits.stride(1), out.data_ptr<int64_t>());
+  else if (logits.scalar_type() == at::kFloat)
+    argmax_rows_impl(logits.data_ptr<float>(), R, V, logits.stride(0), logits.stride(1), out.data_ptr<int64_t>());
+  else
+    TORCH_CHECK(false, "argmax_rows: bfloat16 or float32 logits");
+  return out;
+}
+
+static void check_bf16(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.device().is_cpu(), name, " must be a bfloat16 CPU tensor");
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, bool gemma,
+                       c10::optional<torch::Tensor> residual) {
+  check_bf16(x, "x");
+  check_bf16(weight, "weight");
+  x = x.contiguous();
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.numel() == D, "weight must have the last dimension's size");
+  auto w = weight.contiguous();
+  auto out = torch::empty_like(x);
+  const uint16_t* res = nullptr;
+  torch::Tensor rc;
+  if (residual.has_value()) {
+    rc = residual->contiguous();
+    check_bf16(rc, "residual");
+    TORCH_CHECK(rc.sizes() == x.sizes(), "residual must have x's shape");
+    res = reinterpret_cast<const uint16_t*>(rc.data_ptr<c10::BFloat16>());
+  }
+  rms_norm_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()),
+                reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>()), res,
+                reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), x.numel() / std::max<int64_t>(D, 1), D,
+                static_cast<float>(eps), gemma);
+  return out;
+}
+
+torch::Tensor act_and_mul(torch::Tensor x, bool gelu_tanh) {
+  check_bf16(x, "x");
+  x = x.contiguous();
+  const int64_t two_f = x.size(-1);
+  TORCH_CHECK(two_f % 2 == 0, "last dimension must be even ([gate, up])");
+  auto sizes = x.sizes().vec();
+  sizes.back() = two_f / 2;
+  auto out = torch::empty(sizes, x.options());
+  act_and_mul_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()),
+                   reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), x.numel() / std::max<int64_t>(two_f, 1),
+                   two_f / 2, gelu_tanh);
+  return out;
+}
+
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  // x [T, H, D] with contiguous rows of D; returns a new contiguous tensor
+  check_bf16(x, "x");
+  check_bf16(cos, "cos");
+  check_bf16(sin, "sin");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
+              sin.sizes() == cos.sizes() && x.size(2) % 2 == 0, "x [T, H, D], cos/sin [T, D]");
+  auto out = x.contiguous().clone();
+  auto c = cos.contiguous(), s = sin.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  rope_bf16(reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()),
+            reinterpret_cast<const uint16_t*>(c.data_ptr<c10::BFloat16>()),
+            reinterpret_cast<const uint16_t*>(s.data_ptr<c10::BFloat16>()), T, H, D, H * D, D);
+  return out;
+}

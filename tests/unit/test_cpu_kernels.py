@@ -1,0 +1,96 @@
+"""heron's C++ CPU kernels against torch: the row argmax used by greedy sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heron.ops.cpu import argmax_rows, load_kernel
+from heron.sample.sampler import greedy_argmax
+
+pytestmark = pytest.mark.skipif(load_kernel() is None, reason="no C++ compiler for heron's CPU kernels")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,vocab", [(1, 262144), (3, 17), (17, 8193), (64, 20000), (1, 1)])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_argmax_rows_matches_torch(dtype, rows, vocab, layout):
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=g).to(dtype)
+    if vocab > 8200:
+        # the maximum twice, in different 8192-wide chunks and lanes: the first one wins
+        top = x.float().max().item() + 1
+        x[:, 8200] = top
+        x[:, 8191] = top
+        x[0, 3] = top
+    if layout == "columns":
+        x = x.t().contiguous().t()  # [V, R] storage, as W @ h^T produces
+    assert torch.equal(argmax_rows(x), x.float().argmax(dim=-1))
+    assert torch.equal(greedy_argmax(x), x.float().argmax(dim=-1))
+
+
+def test_argmax_rows_declines_what_it_cannot_do():
+    assert argmax_rows(torch.zeros(2, 3, dtype=torch.float16)) is None
+    assert argmax_rows(torch.zeros(4, 6)[::2, ::2]) is None  # neither rows nor columns contiguous
+    assert argmax_rows(torch.zeros(5)) is None
+    assert greedy_argmax(torch.tensor([[1.0, 3.0, 3.0]], dtype=torch.float16)).tolist() == [1]
+
+
+# ---- fused bf16 ops against the torch expressions they replace -------------------------------
+def _close_in_bf16(out: torch.Tensor, ref: torch.Tensor, min_exact: float = 0.98) -> None:
+    """Equal up to one bf16 rounding step (summation order and the exp/tanh polynomials differ
+    from torch's in the last float32 bits), and nearly all elements bit for bit equal."""
+    assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-5)
+    assert (out == ref).float().mean().item() >= min_exact
+
+
+def _bf16(*shape, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (37, 640), (5, 4, 256), (3, 40)])
+def test_fused_rms_norm_matches_torch(shape):
+    from heron.layers.norm import GemmaRMSNorm, RMSNorm
+    x, res = _bf16(*shape, seed=1, scale=3.0), _bf16(*shape, seed=2)
+    ops = load_kernel()
+    for cls, gemma in ((GemmaRMSNorm, True), (RMSNorm, False)):
+        norm = cls(shape[-1], 1e-6).to(torch.bfloat16)
+        norm.weight.copy_(_bf16(shape[-1], seed=3))
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ref = (h * (1.0 + norm.weight.float())).to(x.dtype) if gemma else norm.weight * h.to(x.dtype)
+        _close_in_bf16(ops.rms_norm(x, norm.weight, 1e-6, gemma, None), ref)
+        _close_in_bf16(norm(x), ref)  # the layer takes the fused path for bf16
+        if gemma:
+            _close_in_bf16(norm(x, residual=res), res + ref)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 4096), (9, 2048), (4, 34)])
+def test_fused_act_and_mul_matches_torch(rows, width):
+    import torch.nn.functional as F
+    x = _bf16(rows, width, seed=4, scale=2.5)
+    gate, up = x.chunk(2, dim=-1)
+    ops = load_kernel()
+    _close_in_bf16(ops.act_and_mul(x, True), F.gelu(gate, approximate="tanh") * up)
+    _close_in_bf16(ops.act_and_mul(x, False), F.silu(gate) * up)
+
+
+def test_fused_rope_matches_torch():
+    from heron.layers.rotary import _rotate_half, apply_rotary
+    t, h, d = 11, 4, 256
+    x = _bf16(t, h, d, seed=5, scale=2.0)
+    pos = torch.arange(100, 100 + t).float()
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    ref = x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    out = apply_rotary(x, cos, sin)  # fused path for bf16
+    assert torch.equal(out, ref)
+    strided = torch.cat([x, x], dim=-1)[..., :d]  # rows of D not contiguous with each other
+    assert torch.equal(load_kernel().rope(strided, cos, sin), ref)
+
+
+def test_fused_ops_reject_other_dtypes():
+    ops = load_kernel()
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.act_and_mul(torch.zeros(2, 4), True)
