@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron.ops.cpu import small_batch_gemv
+
 from heron.layers.linear import default_weight_loader
 
 
@@ -31,6 +33,9 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        ops = small_batch_gemv(hidden, w)
+        if ops is not None:  # 1-4 rows: stream the vocabulary matrix once (memory-bound)
+            return ops.gemv(hidden, w, None)
         if hidden.shape[0] >= 8 and w.device.type == "cpu" and w.dtype == torch.bfloat16:
             # W @ h^T: for a tall vocabulary matrix oneDNN runs this shape about twice as fast
             # as h @ W^T at 8-128 rows on CPU. The result is a [R, V] view with contiguous

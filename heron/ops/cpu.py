@@ -51,7 +51,8 @@ def load_kernel():
             build_dir.mkdir(parents=True, exist_ok=True)
             if not (build_dir / f"{name}.so").exists():
                 logger.info("compiling heron's CPU kernels (one-off, ~30 s) in %s", build_dir)
-            _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "argmax_rows", "rms_norm", "act_and_mul", "rope"],
+            _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "argmax_rows", "rms_norm", "act_and_mul", "rope", "gemv",
+                                                                 "gemv_supported"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                   build_directory=str(build_dir), verbose=False)
         except Exception as e:  # no compiler, no ninja, unsupported platform ...
@@ -86,3 +87,14 @@ def fused_ops(x: torch.Tensor):
 
 
 _disabled = os.environ.get("HERON_NO_FUSED_OPS", "") not in ("", "0")
+
+
+def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor):
+    """The kernels module when `x @ weight.T` can run on the streaming bf16 GEMV kernel
+    (1-4 rows of a 2-D bf16 CPU input, contiguous weight, K a multiple of 32, AVX512-BF16),
+    else None."""
+    if (x.dim() != 2 or not 1 <= x.shape[0] <= 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.shape[1] % 32 or _disabled):
+        return None
+    ops = load_kernel()
+    return ops if ops is not None and ops.gemv_supported() else None

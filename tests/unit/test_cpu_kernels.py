@@ -94,3 +94,32 @@ def test_fused_ops_reject_other_dtypes():
     ops = load_kernel()
     with pytest.raises(RuntimeError, match="bfloat16"):
         ops.act_and_mul(torch.zeros(2, 4), True)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_linear(rows, bias):
+    ops = load_kernel()
+    if not ops.gemv_supported():
+        pytest.skip("this CPU has no AVX512-BF16")
+    x, w = _bf16(rows, 640, seed=6), _bf16(1027, 640, seed=7)  # odd N: the one-row tail
+    b = _bf16(1027, seed=8) if bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    out = ops.gemv(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 1027)
+    # products are exact in float32; only the summation order differs from float32 linear
+    torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=2 ** -7, atol=1e-3)
+
+
+def test_linear_layer_paths_agree():
+    """A bf16 linear layer gives the same result through all three paths: the GEMV kernel
+    (1-3 rows), oneDNN's packed weight, and plain F.linear."""
+    from heron.layers.linear import RowParallelLinear
+    layer = RowParallelLinear(640, 256, bias=False).to(torch.bfloat16)
+    layer.weight.copy_(_bf16(256, 640, seed=9))
+    x = _bf16(6, 640, seed=10)
+    plain = torch.nn.functional.linear(x, layer.weight)
+    layer.process_weights_after_loading()
+    assert layer.packed_weight is not None
+    assert torch.equal(layer(x), plain)  # 6 rows: packed oneDNN, bit-identical
+    _close_in_bf16(layer(x[:2]), plain[:2], min_exact=0.9)  # 2 rows: GEMV kernel

@@ -544,31 +544,101 @@ void act_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t R, int64_t F, bo
 
 // x [T, H, D] (rows of D may be strided by row_stride) rotated in place, NEOX layout:
 // x*cos + rotate_half(x)*sin with both products and the sum rounded to bf16
-void rope_bf16(uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t T, int64_t H, int64_t D,
-               int64_t token_stride, int64_t head_stride) {
+void rope_bf16(const uint16_t* src, uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t T, int64_t H,
+               int64_t D, int64_t token_stride, int64_t head_stride) {
   const int64_t half = D / 2;
   at::parallel_for(0, T, rows_grain(H * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> tmp(D);
     for (int64_t t = begin; t < end; ++t) {
       const uint16_t* c = cos + t * D;
       const uint16_t* s = sin + t * D;
       for (int64_t h = 0; h < H; ++h) {
-        uint16_t* v = x + t * token_stride + h * head_stride;
+        const uint16_t* v = src + t * token_stride + h * head_stride;
+        uint16_t* o = x + (t * H + h) * D;
         for (int64_t d = 0; d < D; ++d) {
           const float rot = d < half ? -bf2f(v[d + half]) : bf2f(v[d - half]);
-          tmp[d] = round_bf(bf2f(v[d]) * bf2f(c[d])) + round_bf(rot * bf2f(s[d]));
+          o[d] = f2bf(round_bf(bf2f(v[d]) * bf2f(c[d])) + round_bf(rot * bf2f(s[d])));
         }
-        for (int64_t d = 0; d < D; ++d) v[d] = f2bf(tmp[d]);
       }
     }
   });
 }
 
+
+// ---- small-batch bf16 GEMV: out[m, n] = x[m] . w[n] (+ bias[n]) for a few rows m ---------------
+// Memory-bound at 1-4 rows: the weight is streamed once, split over threads by output rows;
+// VDPBF16PS multiplies bf16 pairs exactly into float32 accumulators.
+#if defined(__AVX512BF16__)
+template <int M>
+void gemv_bf16_impl(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + 2 <= end; n += 2) {
+      const uint16_t* w0 = w + n * K;
+      const uint16_t* w1 = w0 + K;
+      __m512 a0[M], a1[M];
+      for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m512bh wv0 = (__m512bh)_mm512_loadu_si512(w0 + k);
+        const __m512bh wv1 = (__m512bh)_mm512_loadu_si512(w1 + k);
+        for (int m = 0; m < M; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+          a0[m] = _mm512_dpbf16_ps(a0[m], xv, wv0);
+          a1[m] = _mm512_dpbf16_ps(a1[m], xv, wv1);
+        }
+      }
+      const float b0 = bias ? bf2f(bias[n]) : 0.f, b1 = bias ? bf2f(bias[n + 1]) : 0.f;
+      for (int m = 0; m < M; ++m) {
+        out[m * N + n] = f2bf(_mm512_reduce_add_ps(a0[m]) + b0);
+        out[m * N + n + 1] = f2bf(_mm512_reduce_add_ps(a1[m]) + b1);
+      }
+    }
+    for (; n < end; ++n) {
+      const uint16_t* w0 = w + n * K;
+      __m512 a0[M];
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m512bh wv0 = (__m512bh)_mm512_loadu_si512(w0 + k);
+        for (int m = 0; m < M; ++m)
+          a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), wv0);
+      }
+      const float b0 = bias ? bf2f(bias[n]) : 0.f;
+      for (int m = 0; m < M; ++m) out[m * N + n] = f2bf(_mm512_reduce_add_ps(a0[m]) + b0);
+    }
+  });
+}
+#endif
+
 }  // namespace
 
+// k/v [T, Hkv, D] (each token's Hkv*D values contiguous) into the cache slots
+static void write_kv(const torch::Tensor& kv_cache, const torch::Tensor& k, const torch::Tensor& v,
+                     const torch::Tensor& slots) {
+  TORCH_CHECK(k.scalar_type() == kv_cache.scalar_type() && v.scalar_type() == kv_cache.scalar_type(),
+              "k/v and kv_cache dtypes differ");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: contiguous int64");
+  const int64_t T = slots.numel(), row = kv_cache.size(3) * kv_cache.size(4);
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
+  TORCH_CHECK(k.size(0) == T && v.size(0) == T && k.numel() == T * row && v.numel() == T * row, "k/v shapes");
+  TORCH_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1 && (k.dim() < 3 || k.stride(1) == k.size(2)) &&
+              (v.dim() < 3 || v.stride(1) == v.size(2)), "k/v rows must be contiguous");
+  const int64_t esize = kv_cache.element_size();
+  char* base = static_cast<char*>(kv_cache.data_ptr());
+  const int64_t v_off = num_slots * row * esize;
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < num_slots, "slot out of range");
+    std::memcpy(base + sl[t] * row * esize, kp + t * k.stride(0) * esize, row * esize);
+    std::memcpy(base + v_off + sl[t] * row * esize, vp + t * v.stride(0) * esize, row * esize);
+  }
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
-                           torch::Tensor seq_lens, int64_t window, double scale) {
+                           torch::Tensor seq_lens, int64_t window, double scale, c10::optional<torch::Tensor> k,
+                           c10::optional<torch::Tensor> v, c10::optional<torch::Tensor> slots) {
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5, "q [B,Hq,D], kv_cache [2,N,bs,Hkv,D]");
+  if (slots.has_value() && slots->defined()) write_kv(kv_cache, *k, *v, *slots);
   TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && block_tables.is_contiguous() &&
               seq_lens.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 tables");
@@ -663,17 +733,60 @@ torch::Tensor act_and_mul(torch::Tensor x, bool gelu_tanh) {
 }
 
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  // x [T, H, D] with contiguous rows of D; returns a new contiguous tensor
+  // x [T, H, D] with contiguous rows of D (any token/head strides); returns a new contiguous tensor
   check_bf16(x, "x");
   check_bf16(cos, "cos");
   check_bf16(sin, "sin");
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
               sin.sizes() == cos.sizes() && x.size(2) % 2 == 0, "x [T, H, D], cos/sin [T, D]");
-  auto out = x.contiguous().clone();
+  TORCH_CHECK(x.stride(2) == 1, "x: rows of D must be contiguous");
+  auto out = torch::empty(x.sizes(), x.options());
   auto c = cos.contiguous(), s = sin.contiguous();
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
-  rope_bf16(reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()),
+  rope_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()),
+            reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()),
             reinterpret_cast<const uint16_t*>(c.data_ptr<c10::BFloat16>()),
-            reinterpret_cast<const uint16_t*>(s.data_ptr<c10::BFloat16>()), T, H, D, H * D, D);
+            reinterpret_cast<const uint16_t*>(s.data_ptr<c10::BFloat16>()), T, H, D, x.stride(0), x.stride(1));
+  return out;
+}
+
+bool gemv_supported() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_bf16(x, "x");
+  check_bf16(w, "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
+  TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  TORCH_CHECK(M >= 1 && M <= 4 && K % 32 == 0, "gemv: 1-4 rows and K a multiple of 32");
+  x = x.contiguous();
+  const uint16_t* bp = nullptr;
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->contiguous();
+    check_bf16(bc, "bias");
+    TORCH_CHECK(bc.numel() == N, "bias must have N entries");
+    bp = reinterpret_cast<const uint16_t*>(bc.data_ptr<c10::BFloat16>());
+  }
+  auto out = torch::empty({M, N}, x.options());
+#if defined(__AVX512BF16__)
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  switch (M) {
+    case 1: gemv_bf16_impl<1>(xp, wp, bp, op, N, K); break;
+    case 2: gemv_bf16_impl<2>(xp, wp, bp, op, N, K); break;
+    case 3: gemv_bf16_impl<3>(xp, wp, bp, op, N, K); break;
+    default: gemv_bf16_impl<4>(xp, wp, bp, op, N, K); break;
+  }
+#else
+  TORCH_CHECK(false, "gemv needs AVX512-BF16");
+#endif
   return out;
 }

@@ -21,9 +21,19 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if self.kernel is None:
             raise RuntimeError(f"the CPU attention kernel could not be built: {kernel_error()}")
 
+    def forward(self, spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.num_prefills == 0 and spec.logit_softcap is None and q.device.type == "cpu":
+            # decode-only step: the kernel writes this step's keys/values into their slots and
+            # attends, one call per layer
+            return self.kernel.paged_decode(q.contiguous(), kv_cache, meta.decode_block_tables,
+                                            meta.decode_seq_lens, spec.sliding_window or 0, spec.scale, k, v,
+                                            meta.slot_mapping)
+        return super().forward(spec, q, k, v, kv_cache, meta)
+
     def _decode(self, spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         if spec.logit_softcap is not None or q.device.type != "cpu":
             return super()._decode(spec, q, kv_cache, meta)
         return self.kernel.paged_decode(q.contiguous(), kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                                        spec.sliding_window or 0, spec.scale)
+                                        spec.sliding_window or 0, spec.scale, None, None, None)
