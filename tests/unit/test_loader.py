@@ -274,13 +274,39 @@ def test_tiny_gguf_tensors_match_transformers(arch, tied, tiny_ggufs):
     assert_same_tensors(iter_gguf_tensors(path, progress=False), transformers_gguf_tensors(path, config), tied)
 
 
-def test_gguf_dtype_conversion_and_progress(tiny_ggufs, capfd):
+def test_gguf_dtype_conversion_and_progress(tiny_ggufs, cache_dir, capfd):
     path = tiny_ggufs["gemma3"]
     f32 = dict(iter_gguf_tensors(path))
     assert "Loading weights" in capfd.readouterr().err
     bf16 = dict(iter_weights(resolve_model(str(path)), torch.bfloat16, progress=False))
     assert f32.keys() == bf16.keys()
     assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], f32[k].to(torch.bfloat16)) for k in f32)
+
+
+def test_gguf_weight_cache(tiny_ggufs, cache_dir, monkeypatch):
+    """The first load dequantizes and writes the cache; the next reads it (same tensors, no
+    dequantization); a damaged cache file is rebuilt; another dtype gets its own file."""
+    import heron.models.loader.gguf as gguf_mod
+    path = tiny_ggufs["llama"]
+    first = dict(iter_gguf_tensors(path, torch.bfloat16, progress=False))
+    cache = gguf_mod.weight_cache_file(path, torch.bfloat16)
+    assert cache.is_file() and cache.is_relative_to(cache_dir)
+
+    def no_dequantize(*args, **kwargs):
+        raise AssertionError("dequantized although the cache exists")
+    monkeypatch.setattr(gguf_mod, "dequantize_tensor", no_dequantize)
+    second = dict(iter_gguf_tensors(path, torch.bfloat16, progress=False))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    monkeypatch.undo()
+    monkeypatch.setenv("HERON_CACHE_DIR", str(cache_dir))
+
+    cache.write_bytes(b"not a safetensors file")
+    third = dict(iter_gguf_tensors(path, torch.bfloat16, progress=False))
+    assert all(torch.equal(first[k], third[k]) for k in first)
+    assert cache.stat().st_size > 100  # rewritten
+    f32 = dict(iter_gguf_tensors(path, torch.float32, progress=False))
+    assert gguf_mod.weight_cache_file(path, torch.float32).is_file()
+    assert all(torch.equal(f32[k].bfloat16(), first[k]) for k in first)
 
 
 @pytest.mark.slow

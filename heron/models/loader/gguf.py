@@ -353,7 +353,81 @@ def iter_gguf_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     The file is parsed and its architecture checked at call time; tensors are read lazily."""
     header = read_gguf_header(path)
     _hf_arch(header)  # raises for unsupported architectures
-    return _iter_tensors(header, dtype, progress)
+    if os.environ.get("HERON_NO_WEIGHT_CACHE", "") not in ("", "0"):
+        return _iter_tensors(header, dtype, progress)
+    return _iter_cached(header, dtype, progress)
+
+
+_WEIGHT_CACHE_FORMAT = 1  # bump to invalidate every cached weight file
+
+
+def weight_cache_file(path: str | os.PathLike, dtype: torch.dtype) -> Path:
+    """Where the dequantized weights of this GGUF file in `dtype` are cached (safetensors).
+
+    Dequantizing Q4_K/Q6_K with the gguf package's numpy code takes most of a start-up (~7 s
+    for the default model); later starts read this file instead. The key hashes the file's
+    resolved path, size and modification time (reading the file itself for a content hash costs
+    seconds when it is not in the page cache) and the gguf version."""
+    import hashlib
+
+    from heron.models.loader.tokenizer import cache_root
+    st = Path(path).stat()
+    key = hashlib.sha256(f"weights|{_WEIGHT_CACHE_FORMAT}|{_gguf_version()}|{Path(path).resolve()}|{st.st_size}|"
+                         f"{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "weights" / f"{Path(path).stem}-{key}-{str(dtype).replace('torch.', '')}.safetensors"
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _map_safetensors(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file as views of a private (copy-on-write) memory map: no
+    copy is made here, the caller's copy into the parameters is the only one."""
+    import json
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    (n,) = struct.unpack("<Q", buf[:8])
+    meta = json.loads(buf[8:8 + n])
+    out = []
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or 8 + n + end > len(buf):
+            raise ValueError(f"tensor {name}: size does not match its shape")
+        t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin) if numel else torch.empty(0, dtype=dtype)
+        out.append((name, t.view(info["shape"])))
+    return out
+
+
+def _iter_cached(header: GGUFHeader, dtype: torch.dtype, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors.torch import save_file
+    cache = weight_cache_file(header.path, dtype)
+    if cache.is_file():
+        try:
+            tensors = _map_safetensors(cache)
+        except Exception as e:  # truncated or unreadable: rebuild it
+            logger.warning("ignoring unreadable weight cache %s (%s); rebuilding", cache, e)
+        else:
+            logger.info("loading dequantized weights from %s", cache)
+            yield from tensors
+            return
+    collected = {}
+    for name, w in _iter_tensors(header, dtype, progress):
+        collected[name] = w
+        yield name, w
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        save_file(collected, str(tmp))
+        os.replace(tmp, cache)
+        logger.info("cached the dequantized weights in %s (later starts read them from there)", cache)
+    except OSError as e:  # read-only or full cache folder: start-up just stays slower
+        logger.warning("could not cache the dequantized weights in %s: %s", cache, e)
 
 
 def _iter_tensors(header: GGUFHeader, dtype: torch.dtype, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:

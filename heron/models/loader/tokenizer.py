@@ -37,13 +37,20 @@ def tokenizer_cache_dir(gguf_path: str | os.PathLike) -> Path:
     with the same name), plus the transformers version that did the conversion.
     """
     path = Path(gguf_path)
+    key = file_fingerprint(path, f"{_CACHE_FORMAT}|{transformers.__version__}")
+    return cache_root() / "tokenizers" / f"{path.stem}-{key}"
+
+
+def file_fingerprint(path: str | os.PathLike, salt: str) -> str:
+    """16 hex digits from `salt`, the file's size and its first and last MiB."""
+    path = Path(path)
     size = path.stat().st_size
-    h = hashlib.sha256(f"{_CACHE_FORMAT}|{transformers.__version__}|{size}|".encode())
+    h = hashlib.sha256(f"{salt}|{size}|".encode())
     with open(path, "rb") as f:
         h.update(f.read(_EDGE_BYTES))
         f.seek(max(0, size - _EDGE_BYTES))
         h.update(f.read(_EDGE_BYTES))
-    return cache_root() / "tokenizers" / f"{path.stem}-{h.hexdigest()[:16]}"
+    return h.hexdigest()[:16]
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
