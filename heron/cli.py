@@ -1,4 +1,4 @@
-"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|serve`."""
+"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|serve|plot`."""
 from __future__ import annotations
 
 import argparse
@@ -148,6 +148,10 @@ def cmd_bench(args) -> int:
         from heron.bench.throughput import run_throughput
         run_throughput(args, engine_kwargs(args))
         return 0
+    if args.bench_cmd == "plot":
+        from heron.bench.plot import run_plot
+        run_plot(args)
+        return 0
     if args.bench_cmd == "latency":
         from heron.bench.latency import run_latency
         run_latency(args, engine_kwargs(args))
@@ -156,7 +160,7 @@ def cmd_bench(args) -> int:
         from heron.bench.serve import run_serve_benchmark
         summary = run_serve_benchmark(args)
         return 0 if summary["completed"] else 1
-    raise ValueError(f"unknown benchmark {args.bench_cmd!r}; choose throughput, latency or serve")
+    raise ValueError(f"unknown benchmark {args.bench_cmd!r}; choose throughput, latency, serve or plot")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_W2_latency.json)")
     lat.add_argument("--quiet", action="store_true", help="only the JSON line")
     add_engine_args(lat)
+    pl = bsub.add_parser("plot", help="draw the benchmark page's PNG from a sitting's JSON (needs matplotlib)",
+                         description="Reads one sitting's numbers (see heron/bench/plot.py for the format, "
+                                     "docs/bench_sitting.json for an example) and draws W1/W2/W3 side by side.")
+    pl.add_argument("--input", default="docs/bench_sitting.json", help="sitting JSON (default: %(default)s)")
+    pl.add_argument("--output", default="docs/benchmarks.png", help="PNG to write (default: %(default)s)")
     from heron.bench.serve import add_bench_serve_args
     bs = bsub.add_parser("serve", help="load-test a running OpenAI-compatible server (TTFT/TPOT/ITL/E2E, goodput)",
                          description="Poisson arrivals of random token-id prompts against a running server (heron, "
