@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.ops.cpu import small_batch_gemv
-
 from heron.layers.linear import default_weight_loader
+from heron.ops.cpu import small_batch_gemv
 
 
 class VocabParallelEmbedding(nn.Module):
