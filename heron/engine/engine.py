@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -61,19 +60,12 @@ class Engine:
         t0 = time.monotonic()
         self.source = resolve_model(config.model)
         self.hf_config = load_config(self.source)
-        # the tokenizer (and the CPU attention kernel's cached build) load on a second thread
-        # while the weights are read: both spend most of their time outside the GIL
-        with ThreadPoolExecutor(1, thread_name_prefix="heron-load") as pool:
-            if config.tokenizer is None:
-                tokenizer = pool.submit(load_tokenizer, self.source)
-            else:
-                tokenizer = pool.submit(_load_tokenizer_dir, config.tokenizer)
-            if config.torch_device.type == "cpu" and config.attention_backend in ("auto", "cpu"):
-                from heron.ops.cpu import load_kernel
-                pool.submit(load_kernel)
-            weights = iter_weights(self.source, config.torch_dtype, progress=config.load_progress)
-            self.runner = ModelRunner(config, self.hf_config, weights)
-            self.tokenizer = tokenizer.result()
+        # Sequential on purpose: loading the tokenizer on a second thread overlapped imports
+        # (transformers, torch.utils.cpp_extension/setuptools) with the model imports on this
+        # thread, and a fresh checkout once failed with "No module named heron.layers.linear".
+        self.tokenizer = load_tokenizer(self.source) if config.tokenizer is None else _load_tokenizer_dir(config.tokenizer)
+        weights = iter_weights(self.source, config.torch_dtype, progress=config.load_progress)
+        self.runner = ModelRunner(config, self.hf_config, weights)
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 2048
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's maximum of {model_max}")
