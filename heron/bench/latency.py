@@ -3,13 +3,11 @@ tokens), repeated; prints a table and one JSON line with the peers' fields plus 
 into time to first token and decode time per token."""
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from heron.bench.throughput import _peak_rss_mib
+from heron.bench.throughput import _peak_rss_mib, save_result
 from heron.bench.workloads import make_prompts
 
 
@@ -69,10 +67,5 @@ def run_latency(args, engine_kwargs: dict) -> dict:
               f"{'out tok/s (incl. TTFT)':<24}{result['out_tok_s']:>10.2f}\n{'TTFT ms':<24}{result['ttft_ms']:>10.1f}\n"
               f"{'decode ms/token':<24}{decode_ms:>10.2f}\n{'decode tok/s':<24}{result['decode_tok_s']:>10.2f}\n"
               f"(median of {args.iters} runs)\n", file=sys.stderr)
-    line = json.dumps(result)
-    print(line)
-    out = Path(args.output) if args.output else Path("bench_results") / f"heron_{args.workload}_latency.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(line + "\n")
-    print(f"saved {out}", file=sys.stderr)
+    save_result(result, args.output, f"heron_{args.workload}_latency.json")
     return result

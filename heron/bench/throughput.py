@@ -47,10 +47,15 @@ def run_throughput(args, engine_kwargs: dict) -> dict:
         threads=__import__("torch").get_num_threads(), peak_rss_mib=round(_peak_rss_mib(), 1),
         device=str(eng.config.torch_device),
     )
+    save_result(result, args.output, f"heron_{args.workload}_throughput.json")
+    return result
+
+
+def save_result(result: dict, output: str | None, default_name: str) -> None:
+    """Print the result as one JSON line and save it (default: bench_results/<default_name>)."""
     line = json.dumps(result)
     print(line)
-    out = Path(args.output) if args.output else Path("bench_results") / f"heron_{args.workload}_throughput.json"
+    out = Path(output) if output else Path("bench_results") / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(line + "\n")
     print(f"saved {out}", file=sys.stderr)
-    return result

@@ -114,12 +114,14 @@ inline __m512 load_bf16x16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// exp for x <= 0 (Cephes' expf polynomial on the reduced argument; ~1 ulp); below -87 it
-// returns ~1e-38 instead of 0, harmless for softmax weights.
-inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+// exp on [-87, 88] (clamped; Cephes' expf polynomial on the reduced argument, ~1 ulp); below
+// -87 it returns ~1e-38 instead of 0, harmless for softmax weights.
+inline __m512 exp_any(__m512 x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                                      _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -217,7 +219,7 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, 
           const __m512 vb = _mm512_set1_ps(bmax);
           for (int64_t t = 0; t < n; t += 16) {
             const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
-            const __m512 p = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + t), vb));
+            const __m512 p = exp_any(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + t), vb));
             _mm512_mask_storeu_ps(sc + t, mask, p);
             vsum = _mm512_mask_add_ps(vsum, mask, vsum, p);
           }
@@ -427,23 +429,6 @@ inline void stbf(uint16_t* p, __m512 v, __mmask16 m) {
 }
 inline __m512 rbf(__m512 v) {  // round to bf16 and back
   return _mm512_castsi512_ps(_mm512_and_si512(rne_bits(v), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-inline __m512 exp_any(__m512 x) {  // exp on [-87, 88] (clamped), Cephes polynomial
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
-                                                      _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 // tanh as Cephes' tanhf: an odd polynomial below |y| = 0.625 (no cancellation near 0), else
 // sign(y) (1 - 2 / (exp(2|y|) + 1))
