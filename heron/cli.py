@@ -1,4 +1,4 @@
-"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|serve|plot`."""
+"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|multiturn|serve|plot`."""
 from __future__ import annotations
 
 import argparse
@@ -28,13 +28,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
                    help="auto = the C++ paged-attention kernel on CPU (compiled once, ~30 s, cached) and the "
                         "portable torch backend elsewhere or if the kernel cannot be built (default: auto)")
+    g = p.add_argument_group("prefix cache and KV offload")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV of prompt prefixes seen before (on by default: full blocks of 16 "
+                        "tokens are kept after their request finishes, until the pool needs the memory)")
+    g.add_argument("--kv-offload-dir", default=None,
+                   help="keep computed KV blocks in this directory too (written in the background, checked on "
+                        "load, kept across restarts), so a prompt seen before is loaded instead of recomputed")
+    g.add_argument("--kv-offload-gib", type=float, default=8.0,
+                   help="disk space for --kv-offload-dir; least recently used blocks are deleted (default: 8)")
+    g.add_argument("--kv-offload-cpu-gib", type=float, default=0.0,
+                   help="a CPU-memory tier of this many GiB below the KV pool (for GPU pools; default: 0 = off)")
 
 
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                num_threads=args.num_threads, seed=args.seed, attention_backend=args.attention_backend)
+                num_threads=args.num_threads, seed=args.seed, attention_backend=args.attention_backend,
+                enable_prefix_caching=args.enable_prefix_caching, kv_offload_dir=args.kv_offload_dir,
+                kv_offload_gib=args.kv_offload_gib, kv_offload_cpu_gib=args.kv_offload_cpu_gib)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -156,6 +169,10 @@ def cmd_bench(args) -> int:
         from heron.bench.latency import run_latency
         run_latency(args, engine_kwargs(args))
         return 0
+    if args.bench_cmd == "multiturn":
+        from heron.bench.multiturn import run_multiturn
+        run_multiturn(args, engine_kwargs(args))
+        return 0
     if args.bench_cmd == "serve":
         from heron.bench.serve import run_serve_benchmark
         summary = run_serve_benchmark(args)
@@ -213,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_W2_latency.json)")
     lat.add_argument("--quiet", action="store_true", help="only the JSON line")
     add_engine_args(lat)
+    mt = bsub.add_parser("multiturn", help="multi-turn chat replay: mean TTFT of later turns, prefix cache on vs off",
+                         description="Replays --conversations chats of --turns turns side by side; each turn "
+                                     "resends the whole conversation (system prompt, earlier turns and the "
+                                     "engine's own answers, then a new user message). Reports the mean time to "
+                                     "first token of turns 2+ with the prefix cache on and off, and their ratio.")
+    mt.add_argument("--conversations", type=int, default=8, help="chats replayed side by side (default: 8)")
+    mt.add_argument("--turns", type=int, default=6, help="turns per chat, >= 2 (default: 6)")
+    mt.add_argument("--system-len", type=int, default=512, help="system prompt tokens (default: 512)")
+    mt.add_argument("--user-len", type=int, default=64, help="tokens per user message (default: 64)")
+    mt.add_argument("--answer-len", type=int, default=64, help="tokens per answer (default: 64)")
+    mt.add_argument("--conversation-seed", dest="seed_conversations", type=int, default=0,
+                    help="seed of the random conversations (default: 0)")
+    mt.add_argument("--no-compare", action="store_true",
+                    help="one replay with the engine options as given, instead of cache on and off")
+    mt.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_multiturn.json)")
+    mt.add_argument("--quiet", action="store_true", help="only the JSON line")
+    add_engine_args(mt)
     pl = bsub.add_parser("plot", help="draw the benchmark page's PNG from a sitting's JSON (needs matplotlib)",
                          description="Reads one sitting's numbers (see heron/bench/plot.py for the format, "
                                      "docs/bench_sitting.json for an example) and draws W1/W2/W3 side by side.")

@@ -78,6 +78,10 @@ class EngineConfig:
     tokenizer: str | None = None              # tokenizer folder; None: from the model
     load_progress: bool = True
     attention_backend: str = "auto"           # auto | torch | cpu (C++ paged kernel)
+    enable_prefix_caching: bool = True        # reuse the KV of cached leading blocks across requests
+    kv_offload_dir: str | None = None         # disk tier of the prefix cache (kept across restarts)
+    kv_offload_gib: float = 8.0               # disk tier capacity
+    kv_offload_cpu_gib: float = 0.0           # CPU-memory tier capacity (for CUDA pools; 0 = off)
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -96,5 +100,12 @@ class EngineConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.attention_backend not in ("auto", "torch", "cpu"):
             raise ValueError(f"attention_backend must be auto, torch or cpu; got {self.attention_backend!r}")
+        if not self.kv_offload_gib > 0:
+            raise ValueError(f"kv_offload_gib must be > 0 GiB, got {self.kv_offload_gib}")
+        if not self.kv_offload_cpu_gib >= 0:
+            raise ValueError(f"kv_offload_cpu_gib must be >= 0 GiB, got {self.kv_offload_cpu_gib}")
+        if not self.enable_prefix_caching and (self.kv_offload_dir or self.kv_offload_cpu_gib):
+            raise ValueError("the KV offload tiers extend the prefix cache; they need prefix caching on "
+                             "(drop --no-prefix-caching or the --kv-offload-* options)")
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)

@@ -47,6 +47,7 @@ class Request:
     fork_source: Request | None = None
     generator: torch.Generator | None = None
     priority: int = 0
+    cache_salt: str | None = None                # requests with different salts never share cached KV
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -60,6 +61,11 @@ class Request:
     prompt_logprobs: list = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of the full blocks so far
+    num_registered_blocks: int = 0               # leading blocks registered in the prefix cache
+    num_cached_tokens: int | None = None         # prompt tokens served from cache at first admission
+    num_times_passed: int = 0                    # times later requests were admitted first (cache-aware order)
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -69,6 +75,11 @@ class Request:
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def cache_key(self) -> bytes:
+        """Extra bytes folded into the first block's hash (the cache salt)."""
+        return self.cache_salt.encode() if self.cache_salt else b""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -13,12 +13,16 @@ outputs are unchanged by this, and no request is ever lost or duplicated.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from heron.core.kv_cache_manager import KVCacheManager, cdiv
 from heron.request import Request, RequestStatus
+
+ORDER_WINDOW = 256        # waiting requests considered for cache-aware ordering each step
+MAX_TIMES_PASSED = 16     # overtakes after which a waiting request goes to the front
 
 
 @dataclass
@@ -27,6 +31,7 @@ class SchedulerOutput:
 
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    blocks_to_load: list[tuple[int, object]] = field(default_factory=list)  # (dst, payload from a KV tier)
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -121,6 +126,7 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += num_new
+            self.kv.cache_computed_blocks(request)
             token = sampled.get(request.request_id)
             if token is None:
                 continue  # a prompt chunk that did not reach the end of the prompt
@@ -152,15 +158,18 @@ class Scheduler:
 
     # ---- helpers ----------------------------------------------------------------------
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
-        idx = 0
-        while idx < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[idx]
+        order = self._admission_order()
+        admitted: set[int] = set()
+        inflight: set[bytes] | None = None      # hashes of blocks running requests are computing
+        caching = self.kv.enable_prefix_caching
+        for request in order:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
             src = request.fork_source
             if src is not None:
                 ready = self._fork_ready(request)
                 if ready is None:
-                    idx += 1  # its source has not computed the prompt yet: let others pass
-                    continue
+                    continue  # its source has not computed the prompt yet: let others pass
                 if not ready:
                     request.fork_source = None  # source gone: compute the prompt normally
             if request.fork_source is not None:
@@ -171,15 +180,76 @@ class Scheduler:
                 if copy is not None:
                     out.blocks_to_copy.append(copy)
                 request.fork_source = None
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = 0
+            elif caching and self.kv.can_use_cache(request):
+                found = self.kv.find_cached_prefix(request)
+                nxt = found.num_blocks()
+                if nxt < self.kv.max_cached_blocks(request):
+                    if inflight is None:
+                        inflight = self._inflight_hashes()
+                    if request.block_hashes[nxt] in inflight:
+                        continue  # a running request is computing this prefix now: reuse it next step
+                num_new = min(request.num_tokens - nxt * self.kv.block_size, budget)
+                if self.kv.blocks_to_admit(request, found, num_new) > self.kv.num_free_blocks:
+                    break
+                out.blocks_to_load.extend(self.kv.take_cached_prefix(request, found))
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = request.num_computed_tokens
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate_slots(request, num_new):
-                break  # (a just-forked request needs one token, which the check above covers)
-            del self.waiting[idx]
+                # cannot happen after the checks above; undo a cache hit so that nothing leaks
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                break
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = 0
+            admitted.add(id(request))
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if caching and inflight is not None:   # later arrivals can wait for what it computes
+                inflight.update(self.kv.block_hashes(request)[request.num_computed_tokens // self.kv.block_size:])
             out.scheduled.append((request, num_new))
             budget -= num_new
+        if admitted:
+            if caching:
+                self._count_passed(order, admitted)
+            self.waiting = deque(r for r in self.waiting if id(r) not in admitted)
         return budget
+
+    def _admission_order(self) -> list[Request]:
+        """FCFS; with prefix caching, cache-aware (SGLang's longest-prefix-match): within the
+        first ORDER_WINDOW waiting requests of equal priority, the longest cached prefix goes
+        first. Preempted requests keep their place at the front, and a request that later
+        arrivals have overtaken MAX_TIMES_PASSED times goes to the front too, so none starves."""
+        if not self.kv.enable_prefix_caching or len(self.waiting) < 2:
+            return list(self.waiting)
+        window = list(itertools.islice(self.waiting, ORDER_WINDOW))
+        front = [r for r in window if r.status == RequestStatus.PREEMPTED or r.num_times_passed >= MAX_TIMES_PASSED]
+        front_ids = {id(r) for r in front}
+        rest = [(pos, r) for pos, r in enumerate(window) if id(r) not in front_ids]
+        rest.sort(key=lambda t: (t[1].priority, -self.kv.count_cached_blocks(t[1]), t[0]))
+        return front + [r for _, r in rest] + list(itertools.islice(self.waiting, ORDER_WINDOW, None))
+
+    def _count_passed(self, order: list[Request], admitted: set[int]) -> None:
+        """A waiting request that arrived before an admitted one has been passed over once more."""
+        last_admitted = max(pos for pos, r in enumerate(self.waiting) if id(r) in admitted)
+        for pos, r in enumerate(self.waiting):
+            if pos >= last_admitted:
+                break
+            if id(r) not in admitted:
+                r.num_times_passed += 1
+
+    def _inflight_hashes(self) -> set[bytes]:
+        """Hashes of the full prompt blocks running requests have not computed yet."""
+        bs = self.kv.block_size
+        out: set[bytes] = set()
+        for r in self.running:
+            done = r.num_computed_tokens // bs
+            hashes = self.kv.block_hashes(r)
+            if done < len(hashes):
+                out.update(hashes[done:])
+        return out
 
     def _fork_ready(self, request: Request) -> bool | None:
         """True: fork now. None: wait for the source. False: the source cannot be forked."""

@@ -228,6 +228,8 @@ class AsyncEngine:
             self._deliver([(s, EngineDeadError(f"the engine loop crashed: {e!r}")) for s in streams.values()])
             self._fail_pending()
             return
+        finally:
+            engine.shutdown()   # queued KV-offload writes reach the disk
         self._state = "stopped"
         self._deliver([(s, EngineDeadError("the server is shutting down")) for s in streams.values()])
         self._fail_pending()

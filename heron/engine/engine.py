@@ -5,6 +5,7 @@ and stop strings -> RequestOutputs for the requests that changed.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import time
@@ -71,7 +72,9 @@ class Engine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's maximum of {model_max}")
         self.max_model_len = config.max_model_len or model_max
         num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory, config.num_kv_blocks)
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size)
+        self.kv_tiers = self._make_kv_tiers()
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                               self.kv_tiers)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs,
                                    self.max_model_len)
         self.eos_token_ids = self._eos_ids()
@@ -82,6 +85,37 @@ class Engine:
         self.load_time = time.monotonic() - t0
         logger.info("engine ready in %.1fs: %s, %s, %d KV blocks of %d tokens", self.load_time, self.source.name,
                     config.torch_dtype, num_blocks, config.block_size)
+
+    def _make_kv_tiers(self) -> list:
+        """The prefix cache's lower tiers: CPU memory (--kv-offload-cpu-gib), then disk (--kv-offload-dir)."""
+        cfg = self.config
+        if not cfg.enable_prefix_caching or not (cfg.kv_offload_dir or cfg.kv_offload_cpu_gib):
+            return []
+        from heron.core.kv_tiers import DiskKVTier, KVLayout, MemoryKVTier
+        model = self.runner.model
+        layout = KVLayout(model_id=_model_fingerprint(self.source), dtype=cfg.torch_dtype,
+                          num_layers=self.runner.num_layers, block_size=cfg.block_size,
+                          num_kv_heads=model.num_kv_heads, head_dim=model.head_dim)
+        tiers: list = []
+        if cfg.kv_offload_cpu_gib:
+            tiers.append(MemoryKVTier(cfg.kv_offload_cpu_gib, layout))
+        if cfg.kv_offload_dir:
+            tiers.append(DiskKVTier(cfg.kv_offload_dir, cfg.kv_offload_gib, layout))
+        for tier in tiers:
+            atexit.register(tier.close)   # queued disk writes reach the disk before the process exits
+        return tiers
+
+    def shutdown(self) -> None:
+        """Write out what the KV tiers still have queued and stop their threads (idempotent)."""
+        for tier in self.kv_tiers:
+            tier.close()
+
+    def kv_tier_stats(self) -> dict[str, dict[str, int]]:
+        return {tier.name: tier.stats() for tier in self.kv_tiers}
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached blocks no request holds (the lower tiers keep theirs)."""
+        return self.kv_cache_manager.reset_prefix_cache()
 
     # ---- requests ---------------------------------------------------------------------
     def _eos_ids(self) -> frozenset[int]:
@@ -116,8 +150,9 @@ class Engine:
         return str(next(self._ids))
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Validate and queue a request; returns its id. Raises ValueError on bad input."""
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError on bad input.
+        Requests with different `cache_salt`s never share cached KV (tenant isolation)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else self.new_request_id()
         if request_id in self.groups:
@@ -140,7 +175,7 @@ class Engine:
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 prompt_token_ids=token_ids, sampling_params=child_params, eos_token_ids=self.eos_token_ids,
                 max_tokens=max_tokens, arrival_time=arrival, parent_id=request_id, index=i,
-                fork_source=children[0] if i > 0 else None, generator=gen)
+                fork_source=children[0] if i > 0 else None, generator=gen, cache_salt=cache_salt)
             if i > 0:
                 child.num_prompt_logprobs_done = len(token_ids)  # the first sample reports them
             children.append(child)
@@ -193,6 +228,8 @@ class Engine:
             if group.prompt_logprobs is not None:
                 group.prompt_logprobs.extend(_to_position_logprobs(e, self.tokenizer) for e in entries)
         got_token = self.scheduler.update(sched_out, runner_out.sampled)
+        if self.kv_cache_manager.pending_offload:
+            self._offload_blocks()
         touched: dict[str, RequestGroup] = {}
         for request in got_token:
             group = self._child_to_group[request.request_id]
@@ -209,6 +246,14 @@ class Engine:
             if out.finished:
                 self._retire(group)
         return outputs
+
+    def _offload_blocks(self) -> None:
+        """Write the blocks computed this step through to the lower tiers (copied now, before
+        a later step can reuse them; the disk tier writes its files on its own thread)."""
+        for bid, block_hash, prefix, extra in self.kv_cache_manager.take_pending_offload():
+            payload = self.runner.read_block(bid)
+            for tier in self.kv_tiers:
+                tier.store(block_hash, prefix, extra, payload)
 
     def _detokenize(self, group: RequestGroup, request: Request) -> None:
         detok = group.detokenizers[request.index]
@@ -247,12 +292,20 @@ class Engine:
         finished = all(c.is_finished for c in group.children)
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=completions, finished=finished,
-                             prompt_logprobs=group.prompt_logprobs, metrics=metrics)
+                             prompt_logprobs=group.prompt_logprobs, metrics=metrics,
+                             num_cached_tokens=first.num_cached_tokens or 0)
 
     def _retire(self, group: RequestGroup) -> None:
         self.groups.pop(group.request_id, None)
         for child in group.children:
             self._child_to_group.pop(child.request_id, None)
+
+
+def _model_fingerprint(source) -> str:
+    """Identifies the weights for the disk tier, so that another model never reads these blocks."""
+    from heron.models.loader.tokenizer import file_fingerprint
+    files = [source.path] if source.path.is_file() else sorted(source.path.glob("*.safetensors"))
+    return f"{source.name}:" + ",".join(file_fingerprint(f, "kv-tier") for f in files)
 
 
 def _load_tokenizer_dir(path: str):

@@ -88,8 +88,18 @@ class ModelRunner:
         return num_blocks
 
     # ---- one step ---------------------------------------------------------------------
+    def read_block(self, block_id: int) -> torch.Tensor:
+        """A CPU copy of one block across all layers: [num_layers, 2, block_size, Hkv, D]."""
+        return torch.stack([kv[:, block_id] for kv in self.kv_caches]).cpu()
+
+    def write_block(self, block_id: int, payload: torch.Tensor) -> None:
+        for layer, kv in enumerate(self.kv_caches):
+            kv[:, block_id].copy_(payload[layer], non_blocking=False)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for bid, payload in out.blocks_to_load:
+            self.write_block(bid, payload)
         for src, dst in out.blocks_to_copy:
             for kv in self.kv_caches:
                 kv[:, dst].copy_(kv[:, src])

@@ -54,6 +54,14 @@ class ServerMetrics:
         self.steps = counter("heron:engine_steps", "Engine steps run.")
         self._success = Counter("heron:request_success", "Requests finished, by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
+        self.prefix_queries = counter("heron:prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache (requests that may use it).")
+        self._prefix_hits = Counter("heron:prefix_cache_hits",
+                                    "Prompt tokens served from the prefix cache, by tier (pool = the KV pool, "
+                                    "cpu / disk = the offload tiers).", ["model_name", "tier"], registry=r)
+        self.offload_stored = counter("heron:kv_offload_stored_blocks", "KV blocks written through to the tiers.")
+        self._prefix_hits.labels(model_name, "pool")   # shown from the start, at 0
+        self._prefix_seen: dict[str, int] = {}
         self._model = model_name
         self.ttft = histogram("heron:time_to_first_token_seconds", "Time to first token (arrival to first token).",
                               _LATENCY_BUCKETS)
@@ -97,6 +105,15 @@ class ServerMetrics:
         if total > self._preemptions_seen:
             self.preemptions.inc(total - self._preemptions_seen)
             self._preemptions_seen = total
+        stats = engine.kv_cache_manager.stats
+        for key, value, metric in [("queries", stats.queries, self.prefix_queries),
+                                   ("stored", stats.stored_blocks, self.offload_stored),
+                                   ("pool", stats.hits, self._prefix_hits.labels(self._model, "pool")),
+                                   *[(name, v, self._prefix_hits.labels(self._model, name))
+                                     for name, v in stats.tier_hits.items()]]:
+            if value > self._prefix_seen.get(key, 0):
+                metric.inc(value - self._prefix_seen.get(key, 0))
+                self._prefix_seen[key] = value
         if engine.num_steps > self._steps_seen:
             self.steps.inc(engine.num_steps - self._steps_seen)
             self._steps_seen = engine.num_steps

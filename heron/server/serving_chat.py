@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from heron.engine.chat_templates import fallback_chat_template
 from heron.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                   ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage, UsageInfo)
+                                   ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage, usage_info)
 from heron.server.serving_base import (APIError, ClientDisconnected, ServerContext, build_sampling_params,
                                       chat_logprobs, check_prompt_ids, collect_final, engine_error, merge_streams,
                                       now, random_id, resolve_max_tokens, submit, tokenize, unless_disconnected)
@@ -120,8 +120,7 @@ class ChatHandler:
             logprobs = chat_logprobs(c.token_ids, c.logprobs or [], num_top) if num_top is not None else None
             choices.append(ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-        usage = UsageInfo(prompt_tokens=len(token_ids), completion_tokens=completion_tokens,
-                          total_tokens=len(token_ids) + completion_tokens)
+        usage = usage_info(len(token_ids), completion_tokens, final.num_cached_tokens)
         response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
 
@@ -130,6 +129,7 @@ class ChatHandler:
         n = req.n
         text_sent, tokens_sent, num_tokens = [0] * n, [0] * n, [0] * n
         done = [False] * n
+        cached = 0
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choice: ChatStreamChoice) -> str:
@@ -139,6 +139,7 @@ class ChatHandler:
             for i in range(n):
                 yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
             async for _, out in merge_streams(streams):
+                cached = out.num_cached_tokens
                 for c in out.outputs:
                     i = c.index
                     if done[i]:
@@ -158,8 +159,7 @@ class ChatHandler:
                                                  logprobs=logprobs, finish_reason=c.finish_reason,
                                                  stop_reason=c.stop_reason))
             if include_usage:
-                usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=sum(num_tokens),
-                                  total_tokens=num_prompt_tokens + sum(num_tokens))
+                usage = usage_info(num_prompt_tokens, sum(num_tokens), cached)
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                               usage=usage).model_dump_json())
             yield sse("[DONE]")

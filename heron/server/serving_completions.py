@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from heron.outputs import RequestOutput
 from heron.server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
-                                   CompletionResponse, UsageInfo)
+                                   CompletionResponse, usage_info)
 from heron.server.serving_base import (APIError, ClientDisconnected, ServerContext, build_sampling_params,
                                       check_prompt_ids, collect_final, completion_logprobs, engine_error,
                                       merge_streams, now, random_id, resolve_max_tokens, submit, tokenize,
@@ -128,8 +128,8 @@ class CompletionsHandler:
                                                 stop_reason=c.stop_reason))
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                  usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                                  total_tokens=prompt_tokens + completion_tokens))
+                                  usage=usage_info(prompt_tokens, completion_tokens,
+                                                   sum(f.num_cached_tokens for f in finals)))
 
     async def _stream(self, req: CompletionRequest, request_id: str, created: int, model: str,
                       prompts: list[Prompt], streams) -> AsyncIterator[str]:
@@ -138,10 +138,12 @@ class CompletionsHandler:
         text_sent, tokens_sent, offsets = [0] * total, [0] * total, [0] * total
         started, done = [False] * total, [False] * total
         num_tokens = [0] * total
+        cached = [0] * len(prompts)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         tokenizer = self.ctx.ready_engine().tokenizer
         try:
             async for pi, out in merge_streams(streams):
+                cached[pi] = out.num_cached_tokens
                 for c in out.outputs:
                     i = pi * n + c.index
                     if done[i]:
@@ -171,8 +173,7 @@ class CompletionsHandler:
                     yield sse(chunk.model_dump_json())
             if include_usage:
                 prompt_tokens = sum(len(p.token_ids) for p in prompts)
-                usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=sum(num_tokens),
-                                  total_tokens=prompt_tokens + sum(num_tokens))
+                usage = usage_info(prompt_tokens, sum(num_tokens), sum(cached))
                 yield sse(CompletionChunk(id=request_id, created=created, model=model, choices=[],
                                           usage=usage).model_dump_json())
             yield sse("[DONE]")

@@ -62,7 +62,8 @@ def test_stream_usage_and_done(http):
     payloads = [json.loads(e) for e in events[:-1]]
     usage = payloads[-1]["usage"]
     assert payloads[-1]["choices"] == []
-    assert usage == {"prompt_tokens": 1, "completion_tokens": 7, "total_tokens": 8}
+    assert usage == {"prompt_tokens": 1, "completion_tokens": 7, "total_tokens": 8,
+                     "prompt_tokens_details": {"cached_tokens": 0}}
     assert all(p["usage"] is None for p in payloads[:-1])
 
 
@@ -231,6 +232,25 @@ def test_metrics_exposition(server, client):
                  "heron:request_queue_time_seconds_count", "heron:num_preemptions_total"):
         assert name in m, name
     assert m["heron:generation_tokens_total"] >= 3 and m["heron:e2e_request_latency_seconds_count"] >= 1
+
+
+def test_prefix_cache_hits_in_usage_and_metrics(server, client):
+    prompt = [1] + [3 + (7 * i + 100) % 256 for i in range(39)]   # 40 tokens no other test sends
+    before = server.metrics()
+    first = client.completions.create(prompt=prompt, max_tokens=2, **GREEDY)
+    second = client.completions.create(prompt=prompt, max_tokens=2, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 32   # 2 full blocks of 16; the rest is computed
+    assert second.choices[0].text == first.choices[0].text
+    m = server.metrics()
+    assert m["heron:prefix_cache_queries_total"] - before.get("heron:prefix_cache_queries_total", 0) == 80
+    assert m["heron:prefix_cache_hits_total"] - before.get("heron:prefix_cache_hits_total", 0) == 32
+    # streamed chat reports it too (this prompt is shorter than one block: nothing to reuse)
+    chunks = list(client.chat.completions.create(messages=MESSAGES, max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body=TEMPLATE,
+                                                 **GREEDY))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens < 16 and usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_cycle_text_is_what_the_tests_assume():
