@@ -38,6 +38,7 @@ def run_latency(args, engine_kwargs: dict) -> dict:
 
     runs = []
     for i in range(args.iters):
+        llm.engine.reset_prefix_cache()   # every iteration computes the prompt (no hit on the previous one)
         t0 = time.perf_counter()
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         secs = time.perf_counter() - t0

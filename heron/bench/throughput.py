@@ -28,6 +28,7 @@ def run_throughput(args, engine_kwargs: dict) -> dict:
     if args.warmup:
         llm.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                      use_tqdm=False)
+        llm.engine.reset_prefix_cache()   # the timed run starts with an empty prefix cache
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     secs = time.perf_counter() - t0
@@ -42,6 +43,7 @@ def run_throughput(args, engine_kwargs: dict) -> dict:
         num_prompts=len(prompts), input_tokens=tot_in, output_tokens=gen,
         ttft_p50_ms=round(1000 * ttfts[len(ttfts) // 2], 1),
         tpot_p50_ms=round(1000 * tpots[len(tpots) // 2], 1) if tpots else None,
+        cached_tokens=sum(o.num_cached_tokens for o in outs), prefix_caching=eng.config.enable_prefix_caching,
         load_s=round(load_s, 2), steps=eng.num_steps, preemptions=eng.scheduler.num_preemptions_total,
         max_num_batched_tokens=eng.config.max_num_batched_tokens, max_num_seqs=eng.config.max_num_seqs,
         threads=__import__("torch").get_num_threads(), peak_rss_mib=round(_peak_rss_mib(), 1),

@@ -9,6 +9,7 @@ import atexit
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ def _to_position_logprobs(tlp, tokenizer) -> dict[int, Logprob]:
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         from heron.models.loader import iter_weights, load_config, load_tokenizer, resolve_model
+        from heron.models.registry import get_model_class
         from heron.runner.model_runner import ModelRunner
 
         self.config = config
@@ -61,12 +63,22 @@ class Engine:
         t0 = time.monotonic()
         self.source = resolve_model(config.model)
         self.hf_config = load_config(self.source)
-        # Sequential on purpose: loading the tokenizer on a second thread overlapped imports
-        # (transformers, torch.utils.cpp_extension/setuptools) with the model imports on this
-        # thread, and a fresh checkout once failed with "No module named heron.layers.linear".
-        self.tokenizer = load_tokenizer(self.source) if config.tokenizer is None else _load_tokenizer_dir(config.tokenizer)
-        weights = iter_weights(self.source, config.torch_dtype, progress=config.load_progress)
-        self.runner = ModelRunner(config, self.hf_config, weights)
+        # Every import the model side needs happens on this thread first (the model's modules,
+        # and on CPU the kernel extension, whose build imports torch.utils.cpp_extension and
+        # setuptools, which patches the import machinery): once, importing those while another
+        # thread imported the model failed with "No module named heron.layers.linear". After
+        # that only the tokenizer's construction (2-3 s, mostly outside the GIL) runs on a second
+        # thread, while this one reads the weights.
+        get_model_class(self.hf_config)
+        if config.torch_device.type == "cpu" and config.attention_backend in ("auto", "cpu"):
+            from heron.ops.cpu import load_kernel
+            load_kernel()
+        with ThreadPoolExecutor(1, thread_name_prefix="heron-tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, self.source) if config.tokenizer is None else \
+                pool.submit(_load_tokenizer_dir, config.tokenizer)
+            weights = iter_weights(self.source, config.torch_dtype, progress=config.load_progress)
+            self.runner = ModelRunner(config, self.hf_config, weights)
+            self.tokenizer = tokenizer.result()
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 2048
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's maximum of {model_max}")

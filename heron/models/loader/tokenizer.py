@@ -7,6 +7,7 @@ Converting a GGUF vocabulary (transformers' `AutoTokenizer.from_pretrained(dir, 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -66,6 +67,30 @@ def _from_folder(folder: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
 
 
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "cls_token", "sep_token")
+
+
+def _from_cache_folder(folder: Path) -> PreTrainedTokenizerBase:
+    """Our own cache of a converted GGUF tokenizer, built straight from tokenizer.json: 2 s for
+    Gemma 3's 262k vocabulary against 4.5 s through AutoTokenizer, which parses the 33 MB file
+    with Python's json module several times before handing it to the Rust tokenizer. The cache
+    holds only tokenizer.json and a config with the special tokens (tests compare the ids,
+    special tokens and decoding with transformers' GGUF tokenizer). Anything else in the config
+    goes through AutoTokenizer."""
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    known = set(_SPECIAL_KEYS) | {"backend", "is_local", "local_files_only", "model_max_length", "tokenizer_class",
+                                  "clean_up_tokenization_spaces"}
+    if set(cfg) - known or not all(isinstance(cfg.get(k), (str, type(None))) for k in _SPECIAL_KEYS):
+        return _from_folder(folder)
+    from transformers import PreTrainedTokenizerFast
+    kwargs = {k: cfg[k] for k in _SPECIAL_KEYS if cfg.get(k) is not None}
+    if "model_max_length" in cfg:
+        kwargs["model_max_length"] = cfg["model_max_length"]
+    if "clean_up_tokenization_spaces" in cfg:
+        kwargs["clean_up_tokenization_spaces"] = cfg["clean_up_tokenization_spaces"]
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **kwargs)
+
+
 def load_gguf_tokenizer(gguf_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Tokenizer equal to transformers' GGUF tokenizer for this file, cached after the first conversion."""
     path = Path(gguf_path).expanduser().resolve()
@@ -73,7 +98,7 @@ def load_gguf_tokenizer(gguf_path: str | os.PathLike) -> PreTrainedTokenizerBase
     tokenizer = None
     if cache.is_dir():
         try:
-            tokenizer = _from_folder(cache)
+            tokenizer = _from_cache_folder(cache)
         except Exception as e:  # unreadable cache (e.g. written by an incompatible version): rebuild it
             logger.warning("ignoring unreadable tokenizer cache %s (%s); rebuilding", cache, e)
     if tokenizer is None:
