@@ -1,4 +1,5 @@
-"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|multiturn|serve|plot`."""
+"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|multiturn|serve|plot`,
+`heron eval perplexity`."""
 from __future__ import annotations
 
 import argparse
@@ -180,6 +181,12 @@ def cmd_bench(args) -> int:
     raise ValueError(f"unknown benchmark {args.bench_cmd!r}; choose throughput, latency, serve or plot")
 
 
+def cmd_eval(args) -> int:
+    from heron.eval.perplexity import run_perplexity
+    run_perplexity(args, engine_kwargs(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="heron: LLM inference and serving on PyTorch")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -259,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "latency, throughput and goodput under --goodput SLOs, and saves JSON.")
     add_bench_serve_args(bs)
     bench.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser("eval", help="quality evaluations (perplexity)")
+    esub = ev.add_subparsers(dest="eval_cmd", required=True)
+    ppl = esub.add_parser("perplexity", help="perplexity on a fixed English text; prints one JSON line",
+                          description="Scores a text in windows of --context-len tokens (each a request with "
+                                      "prompt logprobs) and prints the mean negative log-likelihood and the "
+                                      "perplexity. Default text: heron/eval/data/eval_text.txt (the Gemma terms of "
+                                      "use, then the Apache-2.0 and GPL-3 texts; ~12,000 Gemma tokens).")
+    ppl.add_argument("--text-file", default=None, help="a UTF-8 text file to score instead of the default text")
+    ppl.add_argument("--context-len", type=int, default=1024, help="tokens per window, BOS included (default: 1024)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
+    ppl.add_argument("--output", default=None, help="also write the JSON line to this file")
+    add_engine_args(ppl)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

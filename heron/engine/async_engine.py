@@ -229,7 +229,10 @@ class AsyncEngine:
             self._fail_pending()
             return
         finally:
-            engine.shutdown()   # queued KV-offload writes reach the disk
+            try:
+                engine.shutdown()   # queued KV-offload writes reach the disk
+            except Exception:  # noqa: BLE001
+                logger.exception("engine shutdown failed")
         self._state = "stopped"
         self._deliver([(s, EngineDeadError("the server is shutting down")) for s in streams.values()])
         self._fail_pending()

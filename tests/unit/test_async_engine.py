@@ -29,6 +29,10 @@ class FakeEngine:
         self.threads: set[str] = set()
         self.fail_on = fail_on
         self.aborted: list[str] = []
+        self.shut_down = False
+
+    def shutdown(self):
+        self.shut_down = True
 
     def add_request(self, request_id, prompt, params, arrival_time=None):
         self.threads.add(threading.current_thread().name)
@@ -187,6 +191,7 @@ def test_load_failure_and_shutdown_states():
         await anext(s)
         await ae2.shutdown()
         assert ae2.state == "stopped"
+        assert ae2.engine.shut_down   # the engine's KV tiers get flushed on the way out
         with pytest.raises(EngineDeadError):
             async for _ in s:
                 pass
