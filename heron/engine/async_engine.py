@@ -176,14 +176,14 @@ class AsyncEngine:
 
     # ---- requests (event loop thread) -------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
+                          arrival_time: float | None = None, cache_salt: str | None = None) -> RequestStream:
         """Queue a request and wait until the engine has accepted it (one loop iteration at
         most). Raises ValueError (invalid request), QueueFullError, EngineNotReadyError or
         EngineDeadError; afterwards the returned stream yields its outputs."""
         self._check_alive()
         stream = RequestStream(request_id, self)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._inbox.put(("add", request_id, prompt, params, arrival, stream))
+        self._inbox.put(("add", request_id, prompt, params, arrival, stream, cache_salt))
         try:
             await stream._wait_accepted()
         except asyncio.CancelledError:
@@ -248,9 +248,9 @@ class AsyncEngine:
                     self._deliver(deliveries)
                     return
                 if cmd[0] == "add":
-                    _, request_id, prompt, params, arrival, stream = cmd
+                    _, request_id, prompt, params, arrival, stream, salt = cmd
                     deliveries.append((stream, self._add(engine, streams, request_id, prompt, params, arrival,
-                                                         stream)))
+                                                         stream, salt)))
                 else:  # abort
                     if streams.pop(cmd[1], None) is not None:
                         engine.abort_request(cmd[1])
@@ -281,13 +281,16 @@ class AsyncEngine:
                 self._wait_for_command(timeout=0.002)
 
     def _add(self, engine: Engine, streams: dict[str, RequestStream], request_id: str, prompt, params,
-             arrival: float, stream: RequestStream) -> object:
+             arrival: float, stream: RequestStream, cache_salt: str | None = None) -> object:
         limit = self.max_queued_requests
         if limit is not None and len(engine.scheduler.waiting) >= limit:
             return QueueFullError(f"the server's waiting queue is full ({limit} requests waiting, "
                                   f"--max-queued-requests); retry later")
         try:
-            engine.add_request(request_id, prompt, params, arrival)
+            if cache_salt is None:
+                engine.add_request(request_id, prompt, params, arrival)
+            else:
+                engine.add_request(request_id, prompt, params, arrival, cache_salt=cache_salt)
         except ValueError as e:
             return e
         except Exception as e:  # noqa: BLE001

@@ -62,6 +62,8 @@ class SamplingFields(OpenAIModel):
 
     model: str | None = None
     n: int = 1
+    # requests with different salts never share prefix-cache entries (tenant isolation)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = 0.0

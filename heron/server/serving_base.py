@@ -170,10 +170,11 @@ def check_prompt_ids(ctx: ServerContext, token_ids: list[int]) -> None:
 
 # ---------------------------------------------------------------------------- engine calls
 async def submit(ctx: ServerContext, request_ids: list[str], prompts: list[list[int]],
-                 params: list[SamplingParams], arrival_time: float) -> list[RequestStream]:
+                 params: list[SamplingParams], arrival_time: float, cache_salt: str | None = None
+                 ) -> list[RequestStream]:
     """Add one engine request per prompt, all in the same engine iteration; all or nothing (if
     one is refused, the others are aborted and its error is raised as an APIError)."""
-    results = await asyncio.gather(*(ctx.engine.add_request(rid, ids, p, arrival_time)
+    results = await asyncio.gather(*(ctx.engine.add_request(rid, ids, p, arrival_time, cache_salt=cache_salt)
                                      for rid, ids, p in zip(request_ids, prompts, params)), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:

@@ -101,7 +101,7 @@ class ChatHandler:
         num_top = (top or 0) if req.logprobs else None
         params = build_sampling_params(ctx, req, max_tokens, num_top)
         request_id = random_id("chatcmpl")
-        streams = await submit(ctx, [request_id], [token_ids], [params], arrival)
+        streams = await submit(ctx, [request_id], [token_ids], [params], arrival, cache_salt=req.cache_salt)
         created = int(time.time())
         model = req.model or ctx.model_name
         if req.stream:

@@ -60,7 +60,7 @@ class CompletionsHandler:
             params.append(params_by_len[max_tokens])
         request_id = random_id("cmpl")
         streams = await submit(ctx, [f"{request_id}-{i}" for i in range(len(prompts))],
-                               [p.token_ids for p in prompts], params, arrival)
+                               [p.token_ids for p in prompts], params, arrival, cache_salt=req.cache_salt)
         created = int(time.time())
         model = req.model or ctx.model_name
         if req.stream:

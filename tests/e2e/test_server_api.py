@@ -245,6 +245,11 @@ def test_prefix_cache_hits_in_usage_and_metrics(server, client):
     m = server.metrics()
     assert m["heron:prefix_cache_queries_total"] - before.get("heron:prefix_cache_queries_total", 0) == 80
     assert m["heron:prefix_cache_hits_total"] - before.get("heron:prefix_cache_hits_total", 0) == 32
+    # a cache salt keeps tenants apart: the same prompt under another salt computes everything
+    salted = [client.completions.create(prompt=prompt, max_tokens=2, extra_body={"cache_salt": salt}, **GREEDY)
+              for salt in ("tenant-a", "tenant-a", "tenant-b")]
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in salted] == [0, 32, 0]
+    assert all(r.choices[0].text == first.choices[0].text for r in salted)
     # streamed chat reports it too (this prompt is shorter than one block: nothing to reuse)
     chunks = list(client.chat.completions.create(messages=MESSAGES, max_tokens=2, stream=True,
                                                  stream_options={"include_usage": True}, extra_body=TEMPLATE,

@@ -49,6 +49,7 @@ def completion(http: httpx.Client, **body) -> httpx.Response:
     ({"seed": 2**70}, "seed"),
     ({"temperature": "hot"}, "temperature"),
     ({"prompt": None}, "prompt"),
+    ({"cache_salt": ""}, "cache_salt"),
 ])
 def test_invalid_parameters_are_400(http, body, needle):
     err = assert_error(completion(http, **body), 400, needle)

@@ -1,0 +1,436 @@
+"""Weight-only quantization of linear layers on CPU: int8 per output channel, int4 group-wise.
+
+The matmuls run on PyTorch's packed CPU kernels (torch 2.13 schemas):
+
+    aten::_weight_int8pack_mm(Tensor self, Tensor mat2, Tensor scales) -> Tensor
+        self  x      [M, K]    bf16 | f16 | f32, contiguous, 2-D
+        mat2  q      [N, K]    int8 (plain row-major, no packing)
+        scales       [N]       same dtype as x (a mismatch is an error)
+        out          [M, N]    x.dtype;  out = x @ (q * scales[:, None]).T
+      Only bf16 is vectorised on x86 (AVX512/AVX2): it loads x with *aligned* 32-byte loads and
+      steps K by 16, so K % 16 != 0 reads past rows (garbage, inf, or a segfault) and an x whose
+      data pointer is not 32-byte aligned segfaults. f32/f16 take a scalar loop (~25-30x slower
+      than F.linear at 64 rows). Accumulates in fp32, rounds the output to x.dtype once.
+
+    aten::_convert_weight_to_int4pack_for_cpu(Tensor self, int innerKTiles) -> Tensor
+        self  codes  [N, K]    int32, values 0..15
+        out   packed [N, K/2]  uint8, in an ISA-dependent blocked layout (see _unpack_int4)
+      N must be a multiple of 16 ("expect N to be dividable by 16"); innerKTiles is ignored on CPU.
+
+    aten::_weight_int4pack_mm_for_cpu(Tensor self, Tensor mat2, int qGroupSize,
+                                      Tensor qScaleAndZeros) -> Tensor
+        self  x      [M, K]    bf16 | f16 | f32, contiguous, 2-D
+        mat2  packed [N, K/2]  uint8 from the op above
+        qGroupSize             32, 64, 128 or 256, and K % qGroupSize == 0 (both checked)
+        qScaleAndZeros [K/qGroupSize, N, 2]  same dtype as x; [..., 0] scale, [..., 1] zero.
+                               Its first dimension is NOT checked: too few groups reads
+                               out of bounds -- validated here instead.
+        out   [M, N] x.dtype, with   w[n, k] = (q[n, k] - 8) * scale[k//g, n] + zero[k//g, n]
+      (measured against a reference dequantization; `q * scale + zero` is off by 8*scale.)
+      Again only bf16 is vectorised (x read as scalars, so no alignment needs); f32/f16 are a
+      scalar loop (~60x slower than F.linear at 64 rows).
+
+What heron stores and computes
+  * int8: q [N, K'] int8 (K' = K rounded up to 16 with zero columns), scales [N] bf16.
+    quantize_int8: symmetric per output channel, scale = absmax/127 computed in fp32 and rounded
+    UP to the next bf16 value (so |w/scale| <= 127 and no code clips), q = round(w/scale) in
+    [-127, 127]. |w - q*scale| <= scale/2.
+  * int4: packed [N', K/2] uint8 (N' = N rounded up to 16; the extra rows have scale = zero = 0
+    and are sliced off the output), scales_and_zeros [K/g, N', 2] bf16 in the kernel's form.
+    Zero-point convention (also what `from_int4` takes, as GPTQ/AWQ store it):
+        w = (q - zero) * scale,   q in 0..15, zero usually an integer in 0..15
+    converted to the kernel's form as  scale_k = bf16(scale),  zero_k = bf16((8 - zero) * scale_k).
+    quantize_int4 ("RTN"): per group of g input columns, range [min(wmin, 0), max(wmax, 0)]
+    (zero is always on the grid, as GPTQ does), scale = range/15 rounded up to bf16,
+    zero = round(-min/scale), q = clamp(round(w/scale) + zero, 0, 15). All-zero groups get
+    scale 0 (and zero 8). |w - dequant| <= scale/2 + scale/64 (the second term: zero_k is
+    stored in bf16, so (8 - zero) * scale loses up to 4 low bits).
+  * matmul computes in bf16: float32/float16 inputs are rounded to bf16, run through the bf16
+    kernel, and the result is cast back to x.dtype (the non-bf16 kernel paths are scalar loops,
+    see above). The rounding of x adds a relative 2^-9 per element, small next to the 4/8-bit
+    weight error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "INT4_GROUP_SIZES",
+    "METHODS",
+    "QuantizedWeight",
+    "quantize",
+    "quantize_int4",
+    "quantize_int8",
+]
+
+METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+
+_KERNEL_DTYPE = torch.bfloat16
+_FLOAT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+_INT8_K_MULTIPLE = 16   # the bf16 int8 kernel steps K by 16 with aligned loads
+_INT8_X_ALIGN = 32      # bytes: _mm256_load_si256 on x rows
+_INT4_N_MULTIPLE = 16   # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+_INNER_K_TILES = 2      # ignored by the CPU kernel; 2, 4 and 8 are the CUDA values
+# rows quantized / packed / dequantized per step, to bound fp32 temporaries (an LM head of
+# 262144 x 640 is 671 MB in fp32). A multiple of 64 so chunks start on a packing block.
+_ROW_CHUNK = 8192
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _bf16_round_up(s: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= s, as float32 (s: float32, finite, >= 0)."""
+    bits = s.contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & -0x10000).view(torch.float32)
+
+
+def _check_weight(weight: torch.Tensor, who: str) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{who}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{who}: weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{who}: weight must be a non-empty 2-D [out_features, in_features] tensor, "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"{who}: weight must be on the CPU (these are CPU kernels), got {weight.device}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{who}: weight has NaN or inf values")
+    return weight.detach()
+
+
+def _check_group_size(group_size, in_features: int, who: str) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"{who}: int4 group size must be one of {INT4_GROUP_SIZES} "
+                         f"(what the CPU int4 kernel supports), got {group_size!r}")
+    if in_features % group_size:
+        fits = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+        hint = f"group sizes that divide it: {fits}" if fits else \
+            f"no allowed group size {INT4_GROUP_SIZES} divides it"
+        raise ValueError(f"{who}: in_features={in_features} is not divisible by group_size={group_size} "
+                         f"({hint})")
+
+
+# ---- the int4 packed layout -------------------------------------------------------------------
+# _convert_weight_to_int4pack_for_cpu cuts N into blocks of BLOCK_N rows (64 with AVX512, 32 with
+# AVX2 or no vector ISA); block b occupies bytes [b*BLOCK_N*K/2, (b+1)*BLOCK_N*K/2) as [K, BLOCK_N/2]:
+#   "halves" (full AVX512/AVX2 blocks): byte j of row k holds n=j (low nibble), n=j+BLOCK_N/2 (high)
+#   "pairs"  (tail blocks of 16/32/48 rows, and the scalar build): n=2j (low), n=2j+1 (high).
+# Which one the running build uses is found once by packing a probe (`_int4_layout`); if no known
+# layout matches, codes are read back through the matmul kernel itself (exact, slower).
+_LAYOUT_CANDIDATES = ((64, "halves"), (32, "halves"), (64, "pairs"), (32, "pairs"), (16, "pairs"))
+_layout: tuple[int, str] | str | None = None
+
+
+def _unpack_with(flat: torch.Tensor, rows: int, k: int, layout: tuple[int, str]) -> torch.Tensor:
+    """Codes [rows, k] uint8 from the packed bytes `flat` of `rows` rows starting on a block."""
+    block, style = layout
+    nfull, tail = divmod(rows, block)
+    parts = []
+    if nfull:
+        b = flat[: nfull * block * k // 2].view(nfull, k, block // 2)
+        lo, hi = b & 15, b >> 4
+        cols = torch.cat([lo, hi], -1) if style == "halves" else torch.stack([lo, hi], -1).view(nfull, k, block)
+        parts.append(cols.transpose(1, 2).reshape(nfull * block, k))
+    if tail:
+        b = flat[nfull * block * k // 2: rows * k // 2].view(k, tail // 2)
+        parts.append(torch.stack([b & 15, b >> 4], -1).view(k, tail).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+def _int4_layout() -> tuple[int, str] | str:
+    global _layout
+    if _layout is None:
+        rows, k = 176, 32  # 176 = 2*64 + 48 = 5*32 + 16: full blocks and a tail for every candidate
+        g = torch.Generator().manual_seed(1234)
+        codes = torch.randint(0, 16, (rows, k), generator=g, dtype=torch.int32)
+        flat = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES).reshape(-1)
+        _layout = "kernel"
+        for cand in _LAYOUT_CANDIDATES:
+            if torch.equal(_unpack_with(flat, rows, k, cand).to(torch.int32), codes):
+                _layout = cand
+                break
+    return _layout
+
+
+def _unpack_via_kernel(packed: torch.Tensor, n: int, k: int, group_size: int) -> torch.Tensor:
+    """Codes [n, k] uint8 by multiplying identity rows through the kernel with scale 1, zero 8:
+    (q - 8) * 1 + 8 = q, exact in bf16. Layout-independent; costs k*k*n multiply-adds."""
+    sz = torch.empty(k // group_size, n, 2, dtype=_KERNEL_DTYPE)
+    sz[..., 0] = 1
+    sz[..., 1] = 8
+    out = torch.empty(n, k, dtype=torch.uint8)
+    step = 256
+    for k0 in range(0, k, step):
+        k1 = min(k, k0 + step)
+        eye = torch.zeros(k1 - k0, k, dtype=_KERNEL_DTYPE)
+        eye[:, k0:k1] = torch.eye(k1 - k0, dtype=_KERNEL_DTYPE)
+        qt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group_size, sz)  # [k1-k0, n]
+        out[:, k0:k1] = qt.t().to(torch.uint8)
+    return out
+
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N', K] (any integer dtype, 0..15, N' % 16 == 0) -> packed [N', K/2] uint8."""
+    n = codes.shape[0]
+    chunks = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        codes[r0: r0 + _ROW_CHUNK].to(torch.int32).contiguous(), _INNER_K_TILES) for r0 in range(0, n, _ROW_CHUNK)]
+    packed = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return packed.reshape(n, -1)
+
+
+def _aligned(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % nbytes == 0 else t.clone()
+
+
+@dataclass(eq=False, repr=False)
+class QuantizedWeight:
+    """A linear layer's weight [out_features, in_features], quantized and packed for the CPU kernels.
+
+    int8: `qweight` [N, K'] int8 (K' = K rounded up to 16), `scales` [N] bf16.
+    int4: `qweight` [N', K/2] uint8 in the kernel's packed layout (N' = N rounded up to 16),
+          `scales` = scales_and_zeros [K/g, N', 2] bf16: w = (q - 8) * scales[..., 0] + scales[..., 1].
+    Build with quantize_int8 / quantize_int4 / from_int8 / from_int4, not directly."""
+    method: str               # "int8" | "int4"
+    out_features: int
+    in_features: int
+    group_size: int | None    # int4 only
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __repr__(self) -> str:
+        g = f", group_size={self.group_size}" if self.method == "int4" else ""
+        return (f"QuantizedWeight({self.method}, out_features={self.out_features}, "
+                f"in_features={self.in_features}{g}, nbytes={self.nbytes()})")
+
+    @property
+    def padded_out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def padded_in_features(self) -> int:
+        return self.qweight.shape[1] if self.method == "int8" else self.in_features
+
+    # ---- constructors from integer codes (quantize_* and checkpoint loaders share these) -------
+    @classmethod
+    def from_int8(cls, qweight: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
+        """Symmetric int8: w[n, k] = qweight[n, k] * scales[n].
+
+        qweight [N, K] int8; scales [N] (or [N, 1]) floating, stored as bf16 (the kernel wants the
+        scale in x's dtype, and matmul runs in bf16)."""
+        if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int8:
+            raise TypeError(f"from_int8: qweight must be an int8 tensor, got "
+                            f"{getattr(qweight, 'dtype', type(qweight).__name__)}")
+        if qweight.dim() != 2 or qweight.shape[0] == 0 or qweight.shape[1] == 0:
+            raise ValueError(f"from_int8: qweight must be a non-empty 2-D [N, K] tensor, got {tuple(qweight.shape)}")
+        n, k = qweight.shape
+        if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
+            raise TypeError(f"from_int8: scales must be a floating tensor, got "
+                            f"{getattr(scales, 'dtype', type(scales).__name__)}")
+        if scales.shape not in ((n,), (n, 1)):
+            raise ValueError(f"from_int8: scales must have shape [{n}] (one per output channel), got {tuple(scales.shape)}")
+        if qweight.device.type != "cpu" or scales.device.type != "cpu":
+            raise ValueError("from_int8: tensors must be on the CPU")
+        q = qweight.detach()
+        kp = _round_up(k, _INT8_K_MULTIPLE)
+        q = F.pad(q, (0, kp - k)) if kp != k else _aligned(q, 64)
+        s = scales.detach().reshape(n).to(_KERNEL_DTYPE).contiguous()
+        return cls("int8", n, k, None, q, s)
+
+    @classmethod
+    def from_int4(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                  group_size: int = 64) -> QuantizedWeight:
+        """Asymmetric group-wise int4:  w[n, k] = (qweight[n, k] - zeros[n, k//g]) * scales[n, k//g].
+
+        qweight [N, K] any integer dtype with values 0..15 (one code per element, unpacked);
+        scales, zeros [N, K/g] (zeros may be integers -- GPTQ/AWQ -- or floats; None means 8, i.e.
+        symmetric int4). Converted to the kernel's form scale_k = bf16(scale),
+        zero_k = bf16((8 - zero) * scale_k); see the module docstring for what that rounding costs."""
+        if not isinstance(qweight, torch.Tensor) or qweight.is_floating_point() or qweight.is_complex() \
+                or qweight.dtype == torch.bool:
+            raise TypeError(f"from_int4: qweight must be an integer tensor of codes 0..15, got "
+                            f"{getattr(qweight, 'dtype', type(qweight).__name__)}")
+        if qweight.dim() != 2 or qweight.shape[0] == 0 or qweight.shape[1] == 0:
+            raise ValueError(f"from_int4: qweight must be a non-empty 2-D [N, K] tensor of codes, got {tuple(qweight.shape)}")
+        n, k = qweight.shape
+        _check_group_size(group_size, k, "from_int4")
+        groups = k // group_size
+        if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
+            raise TypeError(f"from_int4: scales must be a floating tensor, got "
+                            f"{getattr(scales, 'dtype', type(scales).__name__)}")
+        if tuple(scales.shape) != (n, groups):
+            raise ValueError(f"from_int4: scales must have shape [N, K/group_size] = [{n}, {groups}], got {tuple(scales.shape)}")
+        if zeros is not None:
+            if not isinstance(zeros, torch.Tensor) or zeros.is_complex() or zeros.dtype == torch.bool:
+                raise TypeError("from_int4: zeros must be a real tensor (integer or floating) or None")
+            if tuple(zeros.shape) != (n, groups):
+                raise ValueError(f"from_int4: zeros must have shape [{n}, {groups}], got {tuple(zeros.shape)}")
+        if any(t is not None and t.device.type != "cpu" for t in (qweight, scales, zeros)):
+            raise ValueError("from_int4: tensors must be on the CPU")
+        lo, hi = int(qweight.min()), int(qweight.max())
+        if lo < 0 or hi > 15:
+            raise ValueError(f"from_int4: codes must be in 0..15, got values in [{lo}, {hi}]")
+
+        npad = _round_up(n, _INT4_N_MULTIPLE)
+        codes = qweight.detach()
+        if npad != n:
+            codes = torch.cat([codes, codes.new_zeros(npad - n, k)])
+        packed = _pack_int4(codes)
+        s = scales.detach().to(_KERNEL_DTYPE).float()  # the scale the kernel will see
+        z = torch.full_like(s, 8.0) if zeros is None else zeros.detach().to(torch.float32)
+        zk = (8.0 - z) * s
+        sz = torch.zeros(groups, npad, 2, dtype=_KERNEL_DTYPE)
+        sz[:, :n, 0] = s.t()
+        sz[:, :n, 1] = zk.t()
+        return cls("int4", n, k, group_size, packed, sz)
+
+    # ---- use ------------------------------------------------------------------------------------
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> x @ W.T [..., N] in x.dtype (no bias: the caller adds it).
+
+        Computed in bf16 (fp32 accumulation, output rounded to bf16 once); float32/float16 x is
+        rounded to bf16 first and the result cast back to x.dtype."""
+        if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"QuantizedWeight.matmul: x must be bfloat16, float32 or float16, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedWeight.matmul: x must be [..., {self.in_features}], got {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            raise ValueError(f"QuantizedWeight.matmul: x must be on the CPU, got {x.device}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
+        if self.method == "int8":
+            kp = self.qweight.shape[1]
+            if kp != self.in_features:
+                x2 = F.pad(x2, (0, kp - self.in_features))
+            out = torch.ops.aten._weight_int8pack_mm(_aligned(x2, _INT8_X_ALIGN), self.qweight, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size, self.scales)
+            if out.shape[1] != self.out_features:
+                out = out[:, : self.out_features].contiguous()
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    __call__ = matmul
+
+    def _int4_codes(self):
+        """Yield (r0, r1, codes [r1 - r0, K] uint8) over the real rows in chunks of _ROW_CHUNK."""
+        n, k, npad = self.out_features, self.in_features, self.padded_out_features
+        layout = _int4_layout()
+        if layout == "kernel":
+            codes = _unpack_via_kernel(self.qweight, npad, k, self.group_size)
+            for r0 in range(0, n, _ROW_CHUNK):
+                yield r0, min(n, r0 + _ROW_CHUNK), codes[r0: r0 + _ROW_CHUNK][: n - r0]
+            return
+        flat = self.qweight.reshape(-1)
+        for r0 in range(0, n, _ROW_CHUNK):  # chunks start on a packing block; the last one ends at N'
+            r1p = min(npad, r0 + _ROW_CHUNK)
+            codes = _unpack_with(flat[r0 * k // 2: r1p * k // 2], r1p - r0, k, layout)
+            r1 = min(n, r1p)
+            yield r0, r1, codes[: r1 - r0]
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weights [N, K] the kernel multiplies by (computed in fp32, then cast to `dtype`)."""
+        n, k = self.out_features, self.in_features
+        out = torch.empty(n, k, dtype=dtype)
+        if self.method == "int8":
+            s = self.scales.float()
+            for r0 in range(0, n, _ROW_CHUNK):
+                r1 = min(n, r0 + _ROW_CHUNK)
+                out[r0:r1] = self.qweight[r0:r1, :k].float() * s[r0:r1, None]
+            return out
+        g = self.group_size
+        for r0, r1, codes in self._int4_codes():
+            sz = self.scales[:, r0:r1].float()                            # [G, R, 2]
+            s, zk = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # [R, G, 1]
+            # (q - 8) * s is exact in fp32, so this rounds once, like the kernel's fused multiply-add
+            out[r0:r1] = ((codes.float().view(r1 - r0, k // g, g) - 8.0) * s + zk).view(r1 - r0, k)
+        return out
+
+    def codes(self) -> tuple[torch.Tensor, ...]:
+        """The integer form, the inverse of the from_* constructors:
+        int8 -> (qweight [N, K] int8, scales [N] float32);
+        int4 -> (qweight [N, K] uint8 codes 0..15, scales [N, K/g] float32, zeros [N, K/g] float32)
+        with w = (q - zeros) * scales. Zeros are whole numbers whenever an integer zero point
+        reproduces the stored kernel zero exactly (always after quantize_int4 / integer from_int4),
+        else the fractional zero that does. from_*(*codes()) rebuilds identical packed tensors."""
+        n, k = self.out_features, self.in_features
+        if self.method == "int8":
+            return self.qweight[:, :k].clone(), self.scales.float()
+        q = torch.empty(n, k, dtype=torch.uint8)
+        for r0, r1, codes in self._int4_codes():
+            q[r0:r1] = codes
+        s = self.scales[:, :n, 0].float().t().contiguous()
+        zk_b = self.scales[:, :n, 1].t()
+        zk = zk_b.float()
+        safe = torch.where(s != 0, s, torch.ones_like(s))
+        frac = torch.where(s != 0, 8.0 - zk / safe, torch.full_like(s, 8.0))
+        whole = frac.round()
+        exact = ((8.0 - whole) * s).to(_KERNEL_DTYPE) == zk_b
+        return q, s, torch.where(exact, whole, frac).contiguous()
+
+    def nbytes(self) -> int:
+        """Resident bytes of the packed weight and its scales (and zeros)."""
+        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+# ---- quantizers (round to nearest) ------------------------------------------------------------
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric per-output-channel int8: scale[n] = absmax(w[n]) / 127 (fp32, rounded up to bf16),
+    q = round(w / scale) in [-127, 127]; |w - q*scale| <= scale/2."""
+    w = _check_weight(weight, "quantize_int8")
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    for r0 in range(0, n, _ROW_CHUNK):
+        r1 = min(n, r0 + _ROW_CHUNK)
+        wc = w[r0:r1].float()
+        s = _bf16_round_up(wc.abs().amax(dim=1) / 127.0)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q[r0:r1] = torch.round(wc / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        scales[r0:r1] = s
+    return QuantizedWeight.from_int8(q, scales)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> QuantizedWeight:
+    """Asymmetric group-wise int4, round to nearest: per group of `group_size` input columns,
+    range [min(wmin, 0), max(wmax, 0)], scale = range/15 (rounded up to bf16), integer
+    zero = round(-min/scale), q = clamp(round(w/scale) + zero, 0, 15); w ~ (q - zero) * scale."""
+    w = _check_weight(weight, "quantize_int4")
+    n, k = w.shape
+    _check_group_size(group_size, k, "quantize_int4")
+    groups = k // group_size
+    q = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, groups, dtype=torch.float32)
+    zeros = torch.empty(n, groups, dtype=torch.float32)
+    for r0 in range(0, n, _ROW_CHUNK):
+        r1 = min(n, r0 + _ROW_CHUNK)
+        wc = w[r0:r1].float().view(r1 - r0, groups, group_size)
+        lo = wc.amin(dim=-1).clamp_(max=0.0)
+        hi = wc.amax(dim=-1).clamp_(min=0.0)
+        s = _bf16_round_up(hi / 15.0 - lo / 15.0)  # no overflow for |w| near the float max
+        nz = s > 0
+        safe = torch.where(nz, s, torch.ones_like(s))
+        z = torch.where(nz, torch.round(-lo / safe).clamp_(0, 15), torch.full_like(s, 8.0))
+        qc = (torch.round(wc / safe[..., None]) + z[..., None]).clamp_(0, 15)
+        q[r0:r1] = qc.view(r1 - r0, k).to(torch.uint8)
+        scales[r0:r1] = s
+        zeros[r0:r1] = z
+    return QuantizedWeight.from_int4(q, scales, zeros, group_size)
+
+
+def quantize(weight: torch.Tensor, method: str, group_size: int | None = None) -> QuantizedWeight:
+    """quantize_int8 or quantize_int4 by name (group_size: int4 only, default 64)."""
+    if method == "int8":
+        if group_size is not None:
+            raise ValueError("quantize: int8 is per output channel and takes no group_size")
+        return quantize_int8(weight)
+    if method == "int4":
+        return quantize_int4(weight, 64 if group_size is None else group_size)
+    raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")

@@ -1,0 +1,339 @@
+"""Weight-only int8 / int4 quantization on PyTorch's packed CPU kernels (heron.quant.weight_only).
+
+Matmul tolerance: the kernels dequantize each weight in fp32 exactly as `dequantize()` does,
+accumulate in fp32 in their own order and round the output to bf16 once. Against an fp32
+reference built from the same dequantized weight, the difference is therefore one bf16 rounding
+of the output (relative 2^-9; we allow 2^-8) plus fp32 summation-order noise, bounded by a small
+multiple of 2^-24 * K * sum|x*w| (we allow 2^-12 * sum|x*w|, still far below any convention
+error such as an off-by-8 code or a swapped scale/zero, which are O(1) relative).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heron.quant.weight_only as wo
+from heron.quant import INT4_GROUP_SIZES, QuantizedWeight, quantize, quantize_int4, quantize_int8
+
+
+def _weight(n: int, k: int, seed: int = 0, dtype=torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, :: max(1, k // 7)] *= 8  # some per-channel outliers, as real weights have
+    return w.to(dtype)
+
+
+def _x(shape, dtype=torch.bfloat16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def _assert_matches_dequantized(qw: QuantizedWeight, x: torch.Tensor) -> None:
+    y = qw.matmul(x)
+    assert y.dtype == x.dtype
+    assert y.shape == (*x.shape[:-1], qw.out_features)
+    w = qw.dequantize(torch.float32)
+    xr = x.reshape(-1, qw.in_features).to(torch.bfloat16).float()  # the kernel computes in bf16
+    ref = xr @ w.t()
+    mag = xr.abs() @ w.abs().t()
+    err = (y.reshape(ref.shape).float() - ref).abs()
+    bound = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * mag + 1e-30
+    assert torch.isfinite(y).all()
+    assert bool((err <= bound).all()), f"max err {err.max().item()} (bound there {bound.flatten()[err.argmax()].item()})"
+
+
+# ---- int8 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k", [(64, 128), (100, 640), (1024, 640), (640, 2048)])
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_matmul_matches_dequantized(n, k, m, dtype):
+    qw = quantize_int8(_weight(n, k, seed=n + k))
+    assert (qw.method, qw.out_features, qw.in_features, qw.group_size) == ("int8", n, k, None)
+    _assert_matches_dequantized(qw, _x((m, k), dtype))
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_int8_error_bounded_by_half_scale(wdtype):
+    w = _weight(300, 256, dtype=wdtype)
+    qw = quantize_int8(w)
+    q, s = qw.codes()
+    wf = w.float()
+    absmax = wf.abs().amax(dim=1)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    # scale = absmax/127 rounded up to the next bf16 value
+    assert bool((s >= absmax / 127 * (1 - 1e-6)).all()) and bool((s <= absmax / 127 * (1 + 2 ** -7)).all())
+    assert torch.equal(s.to(torch.bfloat16).float(), s)
+    err = (qw.dequantize(torch.float32) - wf).abs()
+    assert bool((err <= s[:, None] / 2 * (1 + 1e-6)).all())
+    assert torch.equal(qw.dequantize(torch.float32), q.float() * s[:, None])
+
+
+@pytest.mark.parametrize("k", [40, 13, 1])
+def test_int8_pads_k_to_a_multiple_of_16(k):
+    # the bf16 kernel steps K by 16: K=40 would read past rows (inf/garbage), K=13 segfaults
+    qw = quantize_int8(_weight(48, k))
+    assert qw.padded_in_features % 16 == 0 and qw.in_features == k
+    for m in (1, 5):
+        _assert_matches_dequantized(qw, _x((m, k)))
+
+
+def test_int8_misaligned_input_is_copied_not_crashing():
+    # the bf16 kernel loads x with aligned 32-byte loads; a view 2 bytes into a buffer segfaults it
+    qw = quantize_int8(_weight(64, 128))
+    buf = _x((1 + 3 * 128,))
+    x = buf[1:].view(3, 128)
+    assert x.data_ptr() % 32 != 0
+    _assert_matches_dequantized(qw, x)
+    assert torch.equal(qw.matmul(x), qw.matmul(x.clone()))
+
+
+# ---- int4 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("n,k", [(64, 256), (100, 640), (8, 128)])
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_matmul_matches_dequantized(group_size, n, k, m, dtype):
+    qw = quantize_int4(_weight(n, k, seed=n * k + group_size), group_size)
+    assert (qw.method, qw.out_features, qw.in_features, qw.group_size) == ("int4", n, k, group_size)
+    assert qw.padded_out_features % 16 == 0
+    _assert_matches_dequantized(qw, _x((m, k), dtype))
+
+
+# Gemma 3 270M: q (4 heads x 256), k/v, gate/up (each), o_proj, down_proj
+@pytest.mark.parametrize("n,k", [(1024, 640), (256, 640), (2048, 640), (640, 1024), (640, 2048)])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_gemma3_270m_shapes(n, k, method):
+    qw = quantize(_weight(n, k, seed=n - k), method)
+    for m in (1, 64):
+        _assert_matches_dequantized(qw, _x((m, k), seed=m))
+
+
+def test_int4_group_size_256():
+    qw = quantize_int4(_weight(64, 512), 256)
+    _assert_matches_dequantized(qw, _x((3, 512)))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_error_bound_and_codes(group_size):
+    w = _weight(100, 640, seed=group_size, dtype=torch.float32)
+    qw = quantize_int4(w, group_size)
+    q, s, z = qw.codes()
+    assert q.dtype == torch.uint8 and q.shape == (100, 640) and int(q.max()) <= 15
+    assert s.shape == z.shape == (100, 640 // group_size)
+    assert torch.equal(z, z.round()) and bool(((z >= 0) & (z <= 15)).all())  # integer zero points
+    se = s.repeat_interleave(group_size, dim=1)
+    # |w - (q - z) * s| <= s/2 on the integer grid, + s/64 for the kernel's bf16 zero (8 - z) * s
+    err = (qw.dequantize(torch.float32) - w).abs()
+    assert bool((err <= se * (0.5 + 1 / 64) * (1 + 1e-5)).all())
+    # the grid covers [min(w, 0), max(w, 0)] of each group with 15 steps
+    g = w.view(100, -1, group_size)
+    rng = g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)
+    assert bool((s * 15 >= rng * (1 - 1e-6)).all()) and bool((s * 15 <= rng * (1 + 2 ** -7)).all())
+
+
+def test_int4_dequantize_matches_the_formula():
+    # from_int4's convention: w = (q - zeros) * scales, stored as the kernel's
+    # (q - 8) * scale + zero with zero = bf16((8 - zeros) * bf16(scale))
+    n, k, gs = 48, 256, 64
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    s = torch.rand(n, k // gs, generator=gen) * 0.02 + 1e-3
+    z = torch.randint(0, 16, (n, k // gs), generator=gen).float()
+    qw = QuantizedWeight.from_int4(q, s, z, gs)
+    se = s.to(torch.bfloat16).float().repeat_interleave(gs, 1)
+    ze = z.repeat_interleave(gs, 1)
+    zk = ((8 - ze) * se).to(torch.bfloat16).float()
+    d = qw.dequantize(torch.float32)
+    assert torch.equal(d, (q.float() - 8) * se + zk)
+    assert bool(((d - (q.float() - ze) * se).abs() <= se * (1 / 64) + 1e-12).all())
+    # and the kernel multiplies by exactly these weights: one-hot rows read single weights
+    eye = torch.eye(k, dtype=torch.bfloat16)[:16]
+    assert torch.equal(qw.matmul(eye).float(), d[:, :16].t().to(torch.bfloat16).float())
+    # zeros=None: symmetric, w = (q - 8) * scale
+    assert torch.equal(QuantizedWeight.from_int4(q, s, None, gs).dequantize(torch.float32), (q.float() - 8) * se)
+
+
+def test_int4_layout_probe_and_kernel_fallback_agree(monkeypatch):
+    qw = quantize_int4(_weight(176, 256), 32)  # 176 = 2 full 64-row blocks + a 48-row tail
+    layout = wo._int4_layout()
+    assert layout != "kernel", "packed layout of this build not recognised (fallback is slow)"
+    via_kernel = wo._unpack_via_kernel(qw.qweight, qw.padded_out_features, 256, 32)
+    assert torch.equal(via_kernel, wo._unpack_with(qw.qweight.reshape(-1), 176, 256, layout))
+    d, c = qw.dequantize(torch.float32), qw.codes()
+    monkeypatch.setattr(wo, "_layout", "kernel")
+    assert torch.equal(qw.dequantize(torch.float32), d)
+    assert all(torch.equal(a, b) for a, b in zip(qw.codes(), c))
+
+
+def test_row_chunking_gives_identical_results(monkeypatch):
+    w = _weight(200, 128)
+    ref4, ref8 = quantize_int4(w, 32), quantize_int8(w)
+    monkeypatch.setattr(wo, "_ROW_CHUNK", 64)
+    q4, q8 = quantize_int4(w, 32), quantize_int8(w)
+    assert torch.equal(q4.qweight, ref4.qweight) and torch.equal(q4.scales, ref4.scales)
+    assert torch.equal(q8.qweight, ref8.qweight) and torch.equal(q8.scales, ref8.scales)
+    assert torch.equal(q4.dequantize(torch.float32), ref4.dequantize(torch.float32))
+    assert torch.equal(q8.dequantize(torch.float32), ref8.dequantize(torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(q4.codes(), ref4.codes()))
+
+
+# ---- degenerate weights ---------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_constant_zero_and_extreme_rows(method):
+    k = 128
+    w = _weight(32, k, dtype=torch.float32)
+    w[0] = 0.0                                  # all-zero row
+    w[1] = 0.37                                 # constant rows
+    w[2] = -2.5
+    w[3, :] = 1e30                              # huge
+    w[4, :] = torch.linspace(-1e30, 1e30, k)
+    w[5, :] = 1e-30                             # tiny (normal fp32 / bf16)
+    w[6, 5] = 1e4                               # one outlier in a small row
+    w[7, :64] = 3.0                             # a constant group next to an all-zero group
+    w[7, 64:] = 0.0
+    qw = quantize(w, method, 64 if method == "int4" else None)
+    d = qw.dequantize(torch.float32)
+    assert torch.isfinite(d).all()
+    assert torch.equal(d[0], torch.zeros(k)) and torch.equal(d[7, 64:], torch.zeros(64))
+    rel = 2 ** -7 if method == "int4" else 2 ** -9  # constants sit on the grid up to bf16 scale rounding
+    for row, c in ((1, 0.37), (2, -2.5), (3, 1e30), (5, 1e-30)):
+        assert bool(((d[row] - c).abs() <= abs(c) * rel).all()), (row, d[row, :4])
+    assert bool(((d[7, :64] - 3.0).abs() <= 3.0 * rel).all())
+    x = _x((4, k))
+    y = qw.matmul(x)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[:, 0], torch.zeros(4, dtype=y.dtype))
+    _assert_matches_dequantized(qw, x)
+
+
+def test_non_finite_weights_are_rejected():
+    w = _weight(16, 64, dtype=torch.float32)
+    w[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_int8(w)
+    w[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_int4(w, 32)
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_input_shapes_and_dtypes(method):
+    qw = quantize(_weight(100, 256), method)
+    x3 = _x((2, 5, 256))
+    y3 = qw.matmul(x3)
+    assert y3.shape == (2, 5, 100) and y3.dtype == torch.bfloat16
+    assert torch.equal(y3.reshape(10, 100), qw.matmul(x3.reshape(10, 256)))
+    assert torch.equal(qw(x3), y3)
+    _assert_matches_dequantized(qw, x3)
+    # float32 / float16 run in bf16: the same as rounding x to bf16 first
+    x32 = _x((7, 256), torch.float32)
+    y32 = qw.matmul(x32)
+    assert y32.dtype == torch.float32 and torch.equal(y32, qw.matmul(x32.to(torch.bfloat16)).float())
+    assert qw.matmul(x32.half()).dtype == torch.float16
+    # non-contiguous input, empty batch
+    xt = _x((256, 3)).t()
+    assert torch.equal(qw.matmul(xt), qw.matmul(xt.contiguous()))
+    assert qw.matmul(_x((0, 256))).shape == (0, 100)
+    assert qw.matmul(_x((256,))).shape == (100,)
+
+
+# ---- integer constructors -------------------------------------------------------------------
+@pytest.mark.parametrize("method,gs", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_codes_round_trip(method, gs):
+    w = _weight(100, 640, seed=3)
+    qw = quantize(w, method, gs)
+    codes = qw.codes()
+    rebuilt = QuantizedWeight.from_int8(*codes) if method == "int8" else QuantizedWeight.from_int4(*codes, group_size=gs)
+    assert torch.equal(rebuilt.qweight, qw.qweight) and torch.equal(rebuilt.scales, qw.scales)
+    for m in (1, 64):
+        x = _x((m, 640), seed=m)
+        assert torch.equal(rebuilt.matmul(x), qw.matmul(x))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.codes(), codes))
+
+
+def test_from_int4_gptq_style_inputs():
+    # int32 codes, fp16 scales, integer zeros: what a GPTQ/AWQ loader would hand over once unpacked
+    n, k, gs = 64, 256, 128
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    s = (torch.rand(n, k // gs, generator=gen) * 0.01 + 1e-3).half()
+    z = torch.randint(0, 16, (n, k // gs), generator=gen, dtype=torch.int32)
+    qw = QuantizedWeight.from_int4(q, s, z, gs)
+    q2, s2, z2 = qw.codes()
+    assert torch.equal(q2, q.to(torch.uint8)) and torch.equal(z2, z.float())
+    assert torch.equal(s2, s.to(torch.bfloat16).float())
+    # fractional zero points survive too (as the fraction that reproduces the kernel's zero)
+    zf = z.float() + 0.3
+    qf = QuantizedWeight.from_int4(q, s, zf, gs)
+    assert torch.equal(QuantizedWeight.from_int4(*qf.codes(), group_size=gs).scales, qf.scales)
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def test_errors():
+    w = _weight(64, 192)
+    for bad in (16, 48, 512, "64", True, None):
+        with pytest.raises(ValueError, match=r"\(32, 64, 128, 256\)"):
+            quantize_int4(w, bad)
+    with pytest.raises(ValueError, match=r"in_features=192 is not divisible by group_size=128.*\[32, 64\]"):
+        quantize_int4(w, 128)
+    with pytest.raises(ValueError, match="no allowed group size"):
+        quantize_int4(_weight(64, 48), 32)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        quantize_int8(torch.ones(4, 16, dtype=torch.int32))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        quantize_int4(torch.ones(4, 64, dtype=torch.float64), 32)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int8(torch.ones(64))
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize(w, "int3")
+    with pytest.raises(ValueError, match="no group_size"):
+        quantize(w, "int8", 64)
+    qw = quantize_int4(w, 64)
+    with pytest.raises(TypeError, match="bfloat16, float32 or float16"):
+        qw.matmul(torch.ones(2, 192, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 192\]"):
+        qw.matmul(torch.ones(2, 191, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="codes must be in 0..15"):
+        QuantizedWeight.from_int4(torch.full((16, 64), 16), torch.ones(16, 2), None, 32)
+    with pytest.raises(TypeError, match="integer tensor"):
+        QuantizedWeight.from_int4(torch.ones(16, 64), torch.ones(16, 2), None, 32)
+    with pytest.raises(ValueError, match=r"scales must have shape \[N, K/group_size\] = \[16, 2\]"):
+        QuantizedWeight.from_int4(torch.ones(16, 64, dtype=torch.uint8), torch.ones(16, 1), None, 32)
+    with pytest.raises(TypeError, match="int8 tensor"):
+        QuantizedWeight.from_int8(torch.ones(16, 64, dtype=torch.int32), torch.ones(16))
+    with pytest.raises(ValueError, match=r"scales must have shape \[16\]"):
+        QuantizedWeight.from_int8(torch.ones(16, 64, dtype=torch.int8), torch.ones(8))
+
+
+# ---- size -------------------------------------------------------------------------------------
+def test_nbytes():
+    n, k = 1024, 640
+    w = _weight(n, k)
+    bf16 = n * k * 2
+    q8 = quantize_int8(w)
+    assert q8.nbytes() == n * k + 2 * n
+    assert 0.5 <= q8.nbytes() / bf16 < 0.51
+    for gs in INT4_GROUP_SIZES[:3]:
+        q4 = quantize_int4(w, gs)
+        assert q4.nbytes() == n * k // 2 + (k // gs) * n * 2 * 2  # codes + bf16 (scale, zero) per group
+        assert q4.nbytes() / bf16 == pytest.approx(0.25 + 2 / gs)
+        assert q4.nbytes() / bf16 <= 0.40
+    # padded N (100 -> 112) counts the padding it keeps
+    assert quantize_int4(_weight(100, 640), 64).nbytes() == 112 * 320 + 10 * 112 * 4
+
+
+@pytest.mark.slow
+def test_lm_head_shape():
+    # Gemma 3's tied LM head: N=262144, K=640 (packing is chunked by rows; check a few row blocks)
+    n, k = 262144, 640
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).mul_(0.03).to(torch.bfloat16)
+    x = _x((2, k))
+    for qw in (quantize_int8(w), quantize_int4(w, 64)):
+        y = qw.matmul(x)
+        assert y.shape == (2, n) and torch.isfinite(y).all()
+        rows = torch.cat([torch.arange(0, 64), torch.arange(8190, 8260), torch.arange(n - 70, n)])
+        d = qw.dequantize(torch.float32)[rows]
+        ref = x.float() @ d.t()
+        err = (y[:, rows].float() - ref).abs()
+        assert bool((err <= 2.0 ** -8 * ref.abs() + 2.0 ** -12 * (x.float().abs() @ d.abs().t())).all())
