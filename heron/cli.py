@@ -29,6 +29,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
                    help="auto = the C++ paged-attention kernel on CPU (compiled once, ~30 s, cached) and the "
                         "portable torch backend elsewhere or if the kernel cannot be built (default: auto)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the linear layers and the LM head after loading (CPU): "
+                        "int8 per output channel, int4 group-wise round-to-nearest (default: none)")
+    g.add_argument("--quantization-group-size", type=int, default=64,
+                   help="int4: input columns per scale/zero group, 32, 64, 128 or 256 (default: 64)")
     g = p.add_argument_group("prefix cache and KV offload")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the KV of prompt prefixes seen before (on by default: full blocks of 16 "
@@ -48,7 +53,8 @@ def engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                 num_threads=args.num_threads, seed=args.seed, attention_backend=args.attention_backend,
                 enable_prefix_caching=args.enable_prefix_caching, kv_offload_dir=args.kv_offload_dir,
-                kv_offload_gib=args.kv_offload_gib, kv_offload_cpu_gib=args.kv_offload_cpu_gib)
+                kv_offload_gib=args.kv_offload_gib, kv_offload_cpu_gib=args.kv_offload_cpu_gib,
+                quantization=args.quantization, quantization_group_size=args.quantization_group_size)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -82,6 +82,8 @@ class EngineConfig:
     kv_offload_dir: str | None = None         # disk tier of the prefix cache (kept across restarts)
     kv_offload_gib: float = 8.0               # disk tier capacity
     kv_offload_cpu_gib: float = 0.0           # CPU-memory tier capacity (for CUDA pools; 0 = off)
+    quantization: str | None = None           # None | int8 | int4 (weight-only, applied after loading)
+    quantization_group_size: int = 64         # int4: input columns per scale/zero group
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -109,3 +111,7 @@ class EngineConfig:
                              "(drop --no-prefix-caching or the --kv-offload-* options)")
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+        if self.quantization in ("none", ""):
+            self.quantization = None
+        from heron.quant.apply import check_quantization
+        check_quantization(self.quantization, self.quantization_group_size, self.torch_device)

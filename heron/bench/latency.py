@@ -56,6 +56,7 @@ def run_latency(args, engine_kwargs: dict) -> dict:
     eng = llm.engine
     result = dict(
         engine="heron", workload=args.workload, dtype=str(eng.config.torch_dtype).replace("torch.", ""),
+        quantization=eng.config.quantization,
         secs=round(secs, 3), out_tok_s=round(gen / secs, 2), total_tok_s=round((gen + len(prompt)) / secs, 2),
         mean_ttft_s=round(statistics.mean(r["ttft"] for r in runs), 4), ttft_ms=round(1000 * ttft, 1),
         decode_ms_per_token=round(decode_ms, 2), decode_tok_s=round(1000 / decode_ms, 2),

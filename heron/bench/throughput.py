@@ -39,6 +39,7 @@ def run_throughput(args, engine_kwargs: dict) -> dict:
     eng = llm.engine
     result = dict(
         engine="heron", workload=args.workload, dtype=str(eng.config.torch_dtype).replace("torch.", ""),
+        quantization=eng.config.quantization,
         secs=round(secs, 2), out_tok_s=round(gen / secs, 2), total_tok_s=round((gen + tot_in) / secs, 2),
         num_prompts=len(prompts), input_tokens=tot_in, output_tokens=gen,
         ttft_p50_ms=round(1000 * ttfts[len(ttfts) // 2], 1),

@@ -105,7 +105,10 @@ def run_perplexity(args, engine_kwargs: dict) -> dict:
     kwargs = dict(engine_kwargs)
     kwargs["max_num_batched_tokens"] = min(kwargs.get("max_num_batched_tokens") or 512, 512)
     llm = LLM(model=args.model, **kwargs)
-    result = dict(model=llm.engine.source.name, dtype=str(llm.engine.config.torch_dtype).replace("torch.", ""),
+    cfg = llm.engine.config
+    result = dict(model=llm.engine.source.name, dtype=str(cfg.torch_dtype).replace("torch.", ""),
+                  quantization=cfg.quantization, group_size=cfg.quantization_group_size if cfg.quantization == "int4"
+                  else None,
                   text=args.text_file or "heron/eval/data/eval_text.txt")
     result.update(perplexity(llm, text, args.context_len, args.max_tokens))
     if not args.text_file and args.max_tokens is None and result["text_tokens"] < MIN_TOKENS:

@@ -30,7 +30,19 @@ class ParallelLMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
             self.weight.weight_loader = default_weight_loader
 
+    quant = None   # a heron.quant QuantizedWeight once --quantization has swapped the weight
+
+    def set_quantized(self, qweight) -> None:
+        """Compute the logits with a quantized copy. A tied embedding keeps its own weight
+        (a lookup reads only the rows it needs); this module just stops referring to it."""
+        self.quant = qweight
+        w = self.weight
+        self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            from heron.quant.apply import LM_HEAD_KERNEL_MAX_ROWS, quantized_linear
+            return quantized_linear(self.quant, hidden, LM_HEAD_KERNEL_MAX_ROWS)
         w = self.weight
         ops = small_batch_gemv(hidden, w)
         if ops is not None:  # 1-4 rows: stream the vocabulary matrix once (memory-bound)

