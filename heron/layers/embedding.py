@@ -15,7 +15,17 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
+    quant = None   # set by --quantization when the LM head is tied to this table
+
+    def set_quantized(self, qweight) -> None:
+        """Look rows up in the (tied) LM head's quantized weight; the plain table is dropped."""
+        self.quant = qweight
+        w = self.weight
+        self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.dequantize_rows(input_ids, self.weight.dtype).view(*input_ids.shape, -1)
         return F.embedding(input_ids, self.weight)
 
 

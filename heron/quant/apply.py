@@ -5,8 +5,9 @@ Weight-only methods (heron.quant.weight_only): `int8` (symmetric, per output cha
 `int4` (asymmetric, group-wise along the input, round-to-nearest; `--quantization-group-size`,
 default 64). The layers keep only the packed weight, and run torch's packed CPU kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`): activations stay in the model dtype.
-The token embedding of a tied model stays in the model dtype (a lookup reads only the rows
-it needs); the LM head that shares it gets its own quantized copy.
+When the LM head is tied to the token embedding (Gemma), the embedding looks its rows up in
+the LM head's quantized weight (dequantizing only the rows it needs), so the 262k x 640 table
+is kept once, quantized.
 
 The rule per batch size: those kernels stream the packed weight once per call, which wins
 while a step has few rows (1 row: int4 4.7x and int8 2x faster than bf16 on the LM head) and
@@ -52,10 +53,11 @@ def check_quantization(method: str | None, group_size: int, device: torch.device
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> dict:
     """Quantize every linear layer and the LM head in place; returns a summary (bytes before/after)."""
-    from heron.layers.embedding import ParallelLMHead
+    from heron.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from heron.layers.linear import LinearBase
     from heron.quant.weight_only import quantize
 
+    embeddings = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
     before = after = layers = 0
     for name, module in model.named_modules():
         if not isinstance(module, (LinearBase, ParallelLMHead)):
@@ -64,7 +66,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> dict:
         qw = quantize(w, method, group_size if method == "int4" else None)
         before += w.numel() * w.element_size()
         after += qw.nbytes()
+        tied = [e for e in embeddings if isinstance(module, ParallelLMHead) and e.weight is module.weight]
         module.set_quantized(qw)
+        for emb in tied:
+            emb.set_quantized(qw)
         layers += 1
     logger.info("quantized %d layers to %s: %.0f MB -> %.0f MB", layers, method, before / 1e6, after / 1e6)
     return dict(layers=layers, bytes_before=before, bytes_after=after)

@@ -357,6 +357,31 @@ class QuantizedWeight:
             out[r0:r1] = ((codes.float().view(r1 - r0, k // g, g) - 8.0) * s + zk).view(r1 - r0, k)
         return out
 
+    def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Dequantized weight rows [len(rows), K] (an embedding lookup from a tied, quantized LM
+        head): only the bytes of those rows are read. Same values as dequantize()[rows]."""
+        rows = rows.reshape(-1).to(torch.long)
+        n, k = self.out_features, self.in_features
+        if self.method == "int8":
+            return (self.qweight[rows, :k].float() * self.scales.float()[rows, None]).to(dtype)
+        layout = _int4_layout()
+        g = self.group_size
+        if layout == "kernel" or self.padded_out_features % layout[0]:
+            return self.dequantize(dtype)[rows]
+        block, style = layout
+        half = block // 2
+        blocks = self.qweight.reshape(-1).view(self.padded_out_features // block, k, half)
+        j = rows % block
+        if style == "halves":
+            col, shift = j % half, (j >= half).to(torch.uint8) * 4
+        else:
+            col, shift = j // 2, (j % 2).to(torch.uint8) * 4
+        packed = blocks[rows // block, :, col]                               # [R, K] bytes
+        codes = (packed >> shift[:, None]) & 15
+        sz = self.scales[:, rows].float()                                   # [G, R, 2]
+        s, zk = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]        # [R, G, 1]
+        return ((codes.float().view(-1, k // g, g) - 8.0) * s + zk).view(-1, k).to(dtype)
+
     def codes(self) -> tuple[torch.Tensor, ...]:
         """The integer form, the inverse of the from_* constructors:
         int8 -> (qweight [N, K] int8, scales [N] float32);

@@ -35,9 +35,12 @@ def test_every_linear_and_the_lm_head_are_swapped(tiny, method):
     linears = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
     assert linears and all(m.quant is not None and m.weight.numel() == 0 for m in linears)
     assert all(m.quant.method == method for m in linears)
-    # the tied embedding keeps its weight for lookups
+    # the tied embedding looks its rows up in the LM head's quantized weight
     emb = next(m for m in model.modules() if isinstance(m, VocabParallelEmbedding))
-    assert emb.weight.numel() > 0
+    head = next(m for m in model.modules() if isinstance(m, ParallelLMHead))
+    assert emb.quant is head.quant and emb.weight.numel() == 0
+    ids = torch.tensor([[0, 5, 383], [64, 65, 127]])
+    assert torch.equal(emb(ids), head.quant.dequantize(torch.bfloat16)[ids])
     s = llm.engine.runner.quant_summary
     assert s["layers"] == len(linears)
     assert s["bytes_after"] < s["bytes_before"] * (0.55 if method == "int8" else 0.4)
@@ -72,10 +75,8 @@ def test_engine_equals_dequantized_weights(tiny, method):
         for name, m in rmodel.named_modules():
             if isinstance(m, (LinearBase, ParallelLMHead)):
                 w = qmods[name].quant.dequantize(torch.bfloat16)
-                if isinstance(m, ParallelLMHead):
-                    m.weight = torch.nn.Parameter(w, requires_grad=False)  # untie: the embedding keeps bf16
-                else:
-                    m.weight.data.copy_(w)
+                m.weight.data.copy_(w)          # (the LM head's is the tied embedding's too)
+                if isinstance(m, LinearBase):
                     m.packed_weight = None
     a = q.generate([prompt], params, use_tqdm=False)[0]
     b = ref.generate([prompt], params, use_tqdm=False)[0]
@@ -86,6 +87,15 @@ def test_engine_equals_dequantized_weights(tiny, method):
     first_b = next(iter(b.outputs[0].logprobs[0].values())).logprob
     assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]
     assert math.isclose(first_a, first_b, abs_tol=0.05)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_dequantize_rows_equals_full_dequantize(method):
+    from heron.quant.weight_only import quantize
+    w = torch.randn(192, 64, dtype=torch.bfloat16)
+    qw = quantize(w, method, 32 if method == "int4" else None)
+    rows = torch.tensor([0, 1, 31, 32, 33, 63, 64, 100, 191, 5, 5])
+    assert torch.equal(qw.dequantize_rows(rows), qw.dequantize(torch.bfloat16)[rows])
 
 
 def test_config_errors():
