@@ -213,7 +213,7 @@ class Scheduler:
             budget -= num_new
         if admitted:
             if caching:
-                self._count_passed(order, admitted)
+                self._count_passed(admitted)
             self.waiting = deque(r for r in self.waiting if id(r) not in admitted)
         return budget
 
@@ -231,7 +231,7 @@ class Scheduler:
         rest.sort(key=lambda t: (t[1].priority, -self.kv.count_cached_blocks(t[1]), t[0]))
         return front + [r for _, r in rest] + list(itertools.islice(self.waiting, ORDER_WINDOW, None))
 
-    def _count_passed(self, order: list[Request], admitted: set[int]) -> None:
+    def _count_passed(self, admitted: set[int]) -> None:
         """A waiting request that arrived before an admitted one has been passed over once more."""
         last_admitted = max(pos for pos, r in enumerate(self.waiting) if id(r) in admitted)
         for pos, r in enumerate(self.waiting):
