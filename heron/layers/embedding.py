@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.layers.linear import default_weight_loader
+from heron.layers.linear import default_weight_loader, empty_parameter
 from heron.ops.cpu import small_batch_gemv
 
 
@@ -20,8 +20,7 @@ class VocabParallelEmbedding(nn.Module):
     def set_quantized(self, qweight) -> None:
         """Look rows up in the (tied) LM head's quantized weight; the plain table is dropped."""
         self.quant = qweight
-        w = self.weight
-        self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.weight = empty_parameter(self.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
@@ -43,11 +42,10 @@ class ParallelLMHead(nn.Module):
     quant = None   # a heron.quant QuantizedWeight once --quantization has swapped the weight
 
     def set_quantized(self, qweight) -> None:
-        """Compute the logits with a quantized copy. A tied embedding keeps its own weight
-        (a lookup reads only the rows it needs); this module just stops referring to it."""
+        """Compute the logits with the quantized weight (quantize_model gives a tied embedding
+        the same one for its lookups)."""
         self.quant = qweight
-        w = self.weight
-        self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.weight = empty_parameter(self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:

@@ -14,6 +14,11 @@ from torch import nn
 from heron.ops.cpu import small_batch_gemv
 
 
+def empty_parameter(like: torch.Tensor) -> nn.Parameter:
+    """A 0-element stand-in for a weight a quantized layer no longer keeps (dtype and device kept)."""
+    return nn.Parameter(torch.empty(0, dtype=like.dtype, device=like.device), requires_grad=False)
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
@@ -43,8 +48,7 @@ class LinearBase(nn.Module):
         """Keep only the quantized weight (the plain and packed ones are dropped)."""
         self.quant = qweight
         self.packed_weight = None
-        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device),
-                                   requires_grad=False)
+        self.weight = empty_parameter(self.weight)
 
     def process_weights_after_loading(self) -> None:
         """On CPU with bf16 weights: re-lay the weight out once in oneDNN's blocked format.

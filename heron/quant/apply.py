@@ -25,7 +25,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("int8", "int4")
+from heron.quant.weight_only import INT4_GROUP_SIZES, METHODS
+
 KERNEL_MAX_ROWS = 4          # linear layers: quantized kernel up to this many rows
 LM_HEAD_KERNEL_MAX_ROWS = 8  # the LM head (262k x 640 for Gemma 3): the kernel still wins at 8 rows
 
@@ -36,7 +37,6 @@ def quantized_linear(qweight, x: torch.Tensor, max_kernel_rows: int) -> torch.Te
     if rows <= max_kernel_rows:
         return qweight.matmul(x)
     return torch.nn.functional.linear(x, qweight.dequantize(x.dtype))
-GROUP_SIZES = (32, 64, 128, 256)
 
 
 def check_quantization(method: str | None, group_size: int, device: torch.device) -> None:
@@ -44,8 +44,8 @@ def check_quantization(method: str | None, group_size: int, device: torch.device
         return
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {', '.join(METHODS)} (or none); got {method!r}")
-    if method == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, GROUP_SIZES))}; "
+    if method == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; "
                          f"got {group_size}")
     if device.type != "cpu":
         raise ValueError(f"--quantization {method} runs torch's packed CPU kernels; use --device cpu")

@@ -361,7 +361,7 @@ class QuantizedWeight:
         """Dequantized weight rows [len(rows), K] (an embedding lookup from a tied, quantized LM
         head): only the bytes of those rows are read. Same values as dequantize()[rows]."""
         rows = rows.reshape(-1).to(torch.long)
-        n, k = self.out_features, self.in_features
+        k = self.in_features
         if self.method == "int8":
             return (self.qweight[rows, :k].float() * self.scales.float()[rows, None]).to(dtype)
         layout = _int4_layout()
