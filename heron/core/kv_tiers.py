@@ -164,8 +164,14 @@ class _TierBase:
         self.layout = layout
         self.capacity_bytes = _capacity_bytes(capacity_gib)
         self._counters: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
+        self._bytes_used = 0   # memory tier: payload bytes; disk tier: bytes of block files on disk
         # guards the index and the counters; the disk writer thread takes it only for bookkeeping
         self._lock = threading.Lock()
+
+    @property
+    def bytes_used(self) -> int:
+        """Payload bytes held (memory tier) or bytes of block files on disk (disk tier)."""
+        return self._bytes_used
 
     def _check_key(self, block_hash: bytes, prefix_tokens: Sequence[int]) -> None:
         if not isinstance(block_hash, bytes) or not 0 < len(block_hash) <= _MAX_HASH_BYTES:
@@ -210,15 +216,10 @@ class MemoryKVTier(_TierBase):
     def __init__(self, capacity_gib: float, layout: KVLayout) -> None:
         super().__init__(capacity_gib, layout)
         self._entries: OrderedDict[bytes, _MemEntry] = OrderedDict()  # least recently used first
-        self._bytes_used = 0
 
     @property
     def num_blocks(self) -> int:
         return len(self._entries)
-
-    @property
-    def bytes_used(self) -> int:
-        return self._bytes_used
 
     def contains(self, block_hash: bytes) -> bool:
         return block_hash in self._entries
@@ -315,7 +316,6 @@ class DiskKVTier(_TierBase):
         self.dir = self.root / layout.digest()
         self.max_pending_bytes = int(max_pending_mib * 2**20)
         self._index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, least recently used first
-        self._bytes_used = 0
         self._pending: dict[bytes, _PendingWrite] = {}  # queued or being written; not in _index yet
         self._pending_bytes = 0
         self._idle = threading.Condition(self._lock)  # notified whenever a pending write finishes
@@ -338,10 +338,6 @@ class DiskKVTier(_TierBase):
         """Blocks on disk (pending writes not included; see stats()["pending"])."""
         return len(self._index)
 
-    @property
-    def bytes_used(self) -> int:
-        """Bytes of block files on disk (header + tokens + payload)."""
-        return self._bytes_used
 
     def contains(self, block_hash: bytes) -> bool:
         with self._lock:
