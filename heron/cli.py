@@ -1,4 +1,4 @@
-"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|multiturn|serve|plot`,
+"""heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|multiturn|spec|serve|plot`,
 `heron eval perplexity`."""
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None,
                    help="GiB for the paged KV cache (default: 2 GiB on CPU, or 10%% of RAM if less; 60%% of free "
                         "memory on CUDA)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="how the paged KV cache stores keys/values: auto = the model dtype; int8 = symmetric int8, "
+                        "fp8 = float8 e4m3, both with a float32 scale per token and KV head (about half the bytes "
+                        "per block, so twice the tokens fit in --kv-cache-memory; attention reads the 8-bit cache "
+                        "directly) (default: auto)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget per step; longer prompts are chunked (default: 2048)")
@@ -45,15 +50,34 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="disk space for --kv-offload-dir; least recently used blocks are deleted (default: 8)")
     g.add_argument("--kv-offload-cpu-gib", type=float, default=0.0,
                    help="a CPU-memory tier of this many GiB below the KV pool (for GPU pools; default: 0 = off)")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="propose draft tokens and verify them in one forward (outputs unchanged): ngram = "
+                        "prompt lookup, continuing the latest earlier occurrence of the last tokens; self-int4 = "
+                        "the model itself with int4 weights drafts (CPU); draft:MODEL = a smaller model with the "
+                        "same vocabulary drafts (default: off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="most draft tokens per request and step; each request adapts below it to its recent "
+                        "acceptance (default: 8 for ngram, 3 for draft models, whose every draft token costs a "
+                        "forward)")
+    g.add_argument("--speculative-max-batch", type=int, default=4,
+                   help="propose nothing while more requests than this are decoding, where verification costs "
+                        "more than it saves (default: 4)")
+    g.add_argument("--ngram-min", type=int, default=2, help="ngram: shortest suffix to match (default: 2)")
+    g.add_argument("--ngram-max", type=int, default=4, help="ngram: longest suffix to match (default: 4)")
 
 
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype,
                 block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                 num_threads=args.num_threads, seed=args.seed, attention_backend=args.attention_backend,
                 enable_prefix_caching=args.enable_prefix_caching, kv_offload_dir=args.kv_offload_dir,
                 kv_offload_gib=args.kv_offload_gib, kv_offload_cpu_gib=args.kv_offload_cpu_gib,
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                speculative_max_batch=args.speculative_max_batch, speculative_ngram_min=args.ngram_min,
+                speculative_ngram_max=args.ngram_max,
                 quantization=args.quantization, quantization_group_size=args.quantization_group_size)
 
 
@@ -180,11 +204,15 @@ def cmd_bench(args) -> int:
         from heron.bench.multiturn import run_multiturn
         run_multiturn(args, engine_kwargs(args))
         return 0
+    if args.bench_cmd == "spec":
+        from heron.bench.spec import run_spec_bench
+        result = run_spec_bench(args, engine_kwargs(args))
+        return 0 if all(t["identical"] for t in result["tasks"].values()) else 1
     if args.bench_cmd == "serve":
         from heron.bench.serve import run_serve_benchmark
         summary = run_serve_benchmark(args)
         return 0 if summary["completed"] else 1
-    raise ValueError(f"unknown benchmark {args.bench_cmd!r}; choose throughput, latency, serve or plot")
+    raise ValueError(f"unknown benchmark {args.bench_cmd!r}; choose throughput, latency, multiturn, spec, serve or plot")
 
 
 def cmd_eval(args) -> int:
@@ -260,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_multiturn.json)")
     mt.add_argument("--quiet", action="store_true", help="only the JSON line")
     add_engine_args(mt)
+    sp = bsub.add_parser("spec", help="single-stream decode speed with speculative decoding on vs off",
+                         description="Runs one stream at a time with speculation off and on, alternating, in one "
+                                     "process: 'grounded' repeats a passage given in the prompt (prompt lookup "
+                                     "pays), 'free' is W2's free generation. Reports decode ms/token, the speed-up, "
+                                     "the acceptance rate and tokens per verify step, and checks the outputs are "
+                                     "identical (exit status 1 if not). --speculative defaults to ngram here.")
+    sp.add_argument("--task", default="both", choices=["grounded", "free", "both"], help="(default: both)")
+    sp.add_argument("--output-len", type=int, default=256, help="output tokens per run (default: 256)")
+    sp.add_argument("--iters", type=int, default=3, help="timed runs per mode; medians reported (default: 3)")
+    sp.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_spec.json)")
+    sp.add_argument("--quiet", action="store_true", help="only the JSON line")
+    add_engine_args(sp)
     pl = bsub.add_parser("plot", help="draw the benchmark page's PNG from a sitting's JSON (needs matplotlib)",
                          description="Reads one sitting's numbers (see heron/bench/plot.py for the format, "
                                      "docs/bench_sitting.json for an example) and draws W1/W2/W3 side by side.")

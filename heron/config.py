@@ -82,8 +82,14 @@ class EngineConfig:
     kv_offload_dir: str | None = None         # disk tier of the prefix cache (kept across restarts)
     kv_offload_gib: float = 8.0               # disk tier capacity
     kv_offload_cpu_gib: float = 0.0           # CPU-memory tier capacity (for CUDA pools; 0 = off)
+    kv_cache_dtype: str = "auto"              # auto (the model dtype) | int8 | fp8 (8-bit codes + a scale per token and head)
     quantization: str | None = None           # None | int8 | int4 (weight-only, applied after loading)
     quantization_group_size: int = 64         # int4: input columns per scale/zero group
+    speculative: str | None = None            # None | ngram | self-int4 | draft:MODEL (heron/spec)
+    num_speculative_tokens: int | None = None # most drafts per request and step; None: 8 for ngram, 3 for draft models
+    speculative_max_batch: int = 4            # no drafts while more requests than this are decoding
+    speculative_ngram_min: int = 2            # ngram: shortest / longest suffix matched
+    speculative_ngram_max: int = 4
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -109,6 +115,25 @@ class EngineConfig:
         if not self.enable_prefix_caching and (self.kv_offload_dir or self.kv_offload_cpu_gib):
             raise ValueError("the KV offload tiers extend the prefix cache; they need prefix caching on "
                              "(drop --no-prefix-caching or the --kv-offload-* options)")
+        from heron.runner.kv_cache import kv_code_dtype
+        kv_code_dtype(self.kv_cache_dtype)  # ValueError naming the allowed values (and fp8 without torch support)
+        if self.speculative in ("none", ""):
+            self.speculative = None
+        if self.speculative is not None:
+            from heron.spec import METHODS
+            if self.speculative not in METHODS[:-1] and not (self.speculative.startswith("draft:")
+                                                              and len(self.speculative) > len("draft:")):
+                raise ValueError(f"speculative must be one of {', '.join(METHODS)} (or None); "
+                                 f"got {self.speculative!r}")
+            if self.num_speculative_tokens is None:   # a draft token costs a draft-model forward
+                self.num_speculative_tokens = 8 if self.speculative == "ngram" else 3
+            if not 1 <= self.num_speculative_tokens <= 16:
+                raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+            if self.speculative_max_batch < 1:
+                raise ValueError(f"speculative_max_batch must be >= 1, got {self.speculative_max_batch}")
+            if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
+                raise ValueError("ngram sizes need 1 <= speculative_ngram_min <= speculative_ngram_max; got "
+                                 f"{self.speculative_ngram_min} and {self.speculative_ngram_max}")
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
         if self.quantization in ("none", ""):

@@ -66,6 +66,12 @@ class Request:
     num_registered_blocks: int = 0               # leading blocks registered in the prefix cache
     num_cached_tokens: int | None = None         # prompt tokens served from cache at first admission
     num_times_passed: int = 0                    # times later requests were admitted first (cache-aware order)
+    # speculative decoding
+    spec_token_ids: list[int] = field(default_factory=list)   # draft tokens to verify in the next step
+    spec_state: object = None                    # the proposer's per-request state (e.g. an n-gram index)
+    num_spec_proposed: int = 0                   # draft tokens verified so far
+    num_spec_accepted: int = 0                   # ... of which the target accepted
+    spec_accept_ema: float | None = None         # recent accepted drafts per step (sets the next length)
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -100,3 +106,10 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens after the first `num_output_tokens` (a stop string ended the
+        request inside a run of tokens accepted in one speculative step)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
+        del self.output_logprobs[num_output_tokens:]

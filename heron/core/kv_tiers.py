@@ -20,7 +20,9 @@ extra key, computed by the caller), but a hash is only an index: every tier keep
 prefix token ids and extra key (e.g. a cache salt or adapter id) and returns a block only if both
 equal those of the request exactly, so a hash collision is a miss, never wrong KV. The disk tier
 additionally keys its directory by a digest of the ``KVLayout`` (model identity, dtype and shape),
-so blocks of different models or KV dtypes never meet.
+so blocks of different models or KV dtypes never meet. An 8-bit KV cache (``--kv-cache-dtype int8|fp8``)
+has its own layouts: ``dtype`` is the code dtype and ``scale_dtype`` the per-row scale stored after the
+codes of every (token, head) row, so its payloads are the pool's bytes, codes and scales together.
 
 Disk layout, under ``root/<layout digest>/`` (with a human-readable ``layout.json``)::
 
@@ -92,10 +94,17 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
+    # 8-bit caches: each row of head_dim codes (dtype) is followed by its scale in this dtype
+    scale_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"KVLayout.dtype must be a torch.dtype, got {self.dtype!r}")
+        if self.scale_dtype is not None:
+            if not isinstance(self.scale_dtype, torch.dtype):
+                raise TypeError(f"KVLayout.scale_dtype must be a torch.dtype or None, got {self.scale_dtype!r}")
+            if self.dtype.itemsize != 1:
+                raise ValueError(f"KVLayout.scale_dtype goes with 1-byte codes, got dtype {self.dtype}")
         for name in ("num_layers", "block_size", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -103,8 +112,10 @@ class KVLayout:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """(layers, K/V, tokens, heads, head dim) of one block."""
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        """(layers, K/V, tokens, heads, head dim) of one block; with 8-bit codes the last dimension
+        is head_dim codes + the scale's bytes."""
+        row = self.head_dim if self.scale_dtype is None else self.head_dim + self.scale_dtype.itemsize
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, row)
 
     @property
     def block_nbytes(self) -> int:
@@ -114,8 +125,12 @@ class KVLayout:
         return n * self.dtype.itemsize
 
     def to_dict(self) -> dict[str, object]:
-        return {"model_id": self.model_id, "dtype": _dtype_name(self.dtype), "num_layers": self.num_layers,
-                "block_size": self.block_size, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        d: dict[str, object] = {"model_id": self.model_id, "dtype": _dtype_name(self.dtype),
+                                "num_layers": self.num_layers, "block_size": self.block_size,
+                                "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        if self.scale_dtype is not None:  # only then: the digests of model-dtype layouts stay as they were
+            d["scale_dtype"] = _dtype_name(self.scale_dtype)
+        return d
 
     def digest(self) -> str:
         """16 hex chars: blake2b-64 of the canonical JSON of all fields (stable across processes)."""

@@ -10,6 +10,13 @@ When the KV pool runs dry the most recently admitted running request is preempte
 recompute: its blocks are freed, `num_computed_tokens` goes back to 0, and it returns to
 the front of the waiting queue with its output so far, to be recomputed later. Greedy
 outputs are unchanged by this, and no request is ever lost or duplicated.
+
+Speculative decoding: a decoding request may carry draft tokens (`Request.spec_token_ids`,
+set by a proposer after the previous step). It is then scheduled for 1 + k tokens, its last
+token plus the drafts, with KV slots for all of them; the runner scores them in one forward
+and returns the accepted drafts plus one token of its own, and `update` advances
+`num_computed_tokens` past the accepted ones only: the rejected drafts' slots are simply
+overwritten later (nothing is registered in the prefix cache beyond the computed tokens).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
     blocks_to_load: list[tuple[int, object]] = field(default_factory=list)  # (dst, payload from a KV tier)
     preempted: list[Request] = field(default_factory=list)
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)  # request id -> drafts scheduled with it
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -94,7 +102,13 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, f"running request {request.request_id} has nothing to compute"
+            drafts = self._drafts(request, num_new, budget)
+            num_new += len(drafts)
             while not self.kv.allocate_slots(request, num_new):
+                if drafts:              # memory is short: verify no drafts before preempting anyone
+                    num_new -= len(drafts)
+                    drafts = []
+                    continue
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -102,6 +116,8 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append((request, num_new))
+                if drafts:
+                    out.spec_tokens[request.request_id] = drafts
                 budget -= num_new
                 i += 1
                 continue
@@ -117,25 +133,44 @@ class Scheduler:
                 request.first_scheduled_time = now
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[tuple[Request, int]]:
         """Advance num_computed_tokens, append sampled tokens, finish requests that stop.
-        Returns the requests that received a token this step."""
+
+        `sampled[request_id]` holds the step's new tokens: one, or with drafts the accepted
+        drafts plus the target's own next token. Returns (request, tokens appended) for the
+        requests that received tokens; a stop condition met inside a run ends it there."""
         got_token = []
         now = time.monotonic()
         for request, num_new in out.scheduled:
             if request.status != RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += num_new
-            self.kv.cache_computed_blocks(request)
-            token = sampled.get(request.request_id)
-            if token is None:
+            tokens = sampled.get(request.request_id)
+            drafts = out.spec_tokens.get(request.request_id)
+            if drafts:
+                accepted = len(tokens) - 1
+                request.num_computed_tokens += num_new - len(drafts) + accepted
+                request.num_spec_proposed += len(drafts)
+                request.num_spec_accepted += accepted
+            else:
+                request.num_computed_tokens += num_new
+            if not tokens:
+                self.kv.cache_computed_blocks(request)
                 continue  # a prompt chunk that did not reach the end of the prompt
-            request.append_token(token)
+            count = 0
+            status = None
+            for token in tokens:
+                request.append_token(token)
+                count += 1
+                status = self._check_stop(request, token)
+                if status is not None:
+                    break
+            # a stop inside an accepted run: the KV past the last kept token is not the request's
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            self.kv.cache_computed_blocks(request)
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
-            got_token.append(request)
-            status = self._check_stop(request, token)
+            got_token.append((request, count))
             if status is not None:
                 self.finish_request(request, status)
         return got_token
@@ -261,8 +296,20 @@ class Scheduler:
             return True
         return None
 
+    def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The request's drafts that fit this step: only while decoding, within the token
+        budget, the model's length and the request's max_tokens (the step yields at most
+        len(drafts) + 1 tokens)."""
+        drafts, request.spec_token_ids = request.spec_token_ids, []
+        if not drafts or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        room = min(budget - 1, self.max_model_len - request.num_tokens,
+                   request.max_tokens - request.num_output_tokens - 1)
+        return drafts[:max(room, 0)]
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids = []
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

@@ -90,6 +90,10 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs,
                                    self.max_model_len)
         self.eos_token_ids = self._eos_ids()
+        self.spec = None
+        if config.speculative is not None:
+            from heron.spec import make_speculator
+            self.spec = make_speculator(config, self)
         self.groups: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, RequestGroup] = {}
         self._ids = itertools.count()
@@ -105,9 +109,11 @@ class Engine:
             return []
         from heron.core.kv_tiers import DiskKVTier, KVLayout, MemoryKVTier
         model = self.runner.model
-        layout = KVLayout(model_id=_model_fingerprint(self.source), dtype=cfg.torch_dtype,
+        code_dtype = self.runner.kv_code_dtype   # an 8-bit cache: codes + a float32 scale per row
+        layout = KVLayout(model_id=_model_fingerprint(self.source), dtype=code_dtype or cfg.torch_dtype,
                           num_layers=self.runner.num_layers, block_size=cfg.block_size,
-                          num_kv_heads=model.num_kv_heads, head_dim=model.head_dim)
+                          num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+                          scale_dtype=None if code_dtype is None else torch.float32)
         tiers: list = []
         if cfg.kv_offload_cpu_gib:
             tiers.append(MemoryKVTier(cfg.kv_offload_cpu_gib, layout))
@@ -243,14 +249,20 @@ class Engine:
         if self.kv_cache_manager.pending_offload:
             self._offload_blocks()
         touched: dict[str, RequestGroup] = {}
-        for request in got_token:
+        for request, count in got_token:
             group = self._child_to_group[request.request_id]
             touched[group.request_id] = group
-            lp = runner_out.logprobs.get(request.request_id)
-            if lp is not None:
-                request.output_logprobs.append(_to_position_logprobs(lp, self.tokenizer))
-                request.cumulative_logprob += lp.logprob
-            self._detokenize(group, request)
+            lps = runner_out.logprobs.get(request.request_id)
+            first = request.num_output_tokens - count
+            for j in range(count):
+                if lps is not None:
+                    request.output_logprobs.append(_to_position_logprobs(lps[j], self.tokenizer))
+                    request.cumulative_logprob += lps[j].logprob
+                if self._detokenize(group, request, first + j, j == count - 1):
+                    break   # a stop string ended the request at this token
+        if self.spec is not None:
+            self.spec.update_stats(sched_out, runner_out.sampled)
+            self.spec.propose(self.scheduler.running)
         outputs = []
         for group in touched.values():
             out = self._make_output(group)
@@ -267,22 +279,28 @@ class Engine:
             for tier in self.kv_tiers:
                 tier.store(block_hash, prefix, extra, payload)
 
-    def _detokenize(self, group: RequestGroup, request: Request) -> None:
+    def _detokenize(self, group: RequestGroup, request: Request, index: int, last: bool) -> bool:
+        """Detokenize output token `index` (`last`: the newest). True when a stop string ended
+        the request there; tokens after it (accepted in the same speculative step) are dropped."""
         detok = group.detokenizers[request.index]
-        token = request.output_token_ids[-1]
-        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+        token = request.output_token_ids[index]
+        ended = last and request.is_finished
         # like vLLM: the EOS / stop token that ended the request is not part of the text
-        new = [] if stopped_by_token else [token]
+        new = [] if ended and request.status == RequestStatus.FINISHED_STOPPED else [token]
         delta = detok.add_tokens(new) if new else ""
-        if request.is_finished or detok.stopped:
+        if ended or detok.stopped:
             delta += detok.finish() if not detok.stopped else ""
         group.texts[request.index] += delta
-        if detok.stopped:
-            request.stop_reason = detok.stop_reason
-            if request.is_finished:
-                request.status = RequestStatus.FINISHED_STOPPED  # a stop string wins over the length limit
-            else:
-                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+        if not detok.stopped:
+            return False
+        request.stop_reason = detok.stop_reason
+        if not last:
+            request.truncate_output(index + 1)
+        if request.is_finished:
+            request.status = RequestStatus.FINISHED_STOPPED  # a stop string wins over the length limit
+        else:
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+        return True
 
     def _make_output(self, group: RequestGroup) -> RequestOutput:
         completions = []

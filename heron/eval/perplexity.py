@@ -108,7 +108,7 @@ def run_perplexity(args, engine_kwargs: dict) -> dict:
     cfg = llm.engine.config
     result = dict(model=llm.engine.source.name, dtype=str(cfg.torch_dtype).replace("torch.", ""),
                   quantization=cfg.quantization, group_size=cfg.quantization_group_size if cfg.quantization == "int4"
-                  else None,
+                  else None, kv_cache_dtype=cfg.kv_cache_dtype,
                   text=args.text_file or "heron/eval/data/eval_text.txt")
     result.update(perplexity(llm, text, args.context_len, args.max_tokens))
     if not args.text_file and args.max_tokens is None and result["text_tokens"] < MIN_TOKENS:

@@ -43,6 +43,9 @@ class LinearBase(nn.Module):
 
     packed_weight: torch.Tensor | None = None
     quant = None   # a heron.quant QuantizedWeight once --quantization has swapped the weight
+    # a layer with the same weight in full precision, for calls of more rows than the quantized
+    # kernel serves (a self-draft borrows the target's layers for its catch-up prefills)
+    full_precision = None   # (a bound forward, not a Module: it must not become a submodule)
 
     def set_quantized(self, qweight) -> None:
         """Keep only the quantized weight (the plain and packed ones are dropped)."""
@@ -66,6 +69,8 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
             from heron.quant.apply import KERNEL_MAX_ROWS, quantized_linear
+            if self.full_precision is not None and x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
+                return self.full_precision(x)
             out = quantized_linear(self.quant, x, KERNEL_MAX_ROWS)
             return out if self.bias is None else out + self.bias
         if self.packed_weight is not None:

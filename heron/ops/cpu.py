@@ -1,4 +1,5 @@
-"""heron's C++ CPU kernels (heron/ops/csrc/cpu_kernels.cpp): paged-attention decode and a
+"""heron's C++ CPU kernels (heron/ops/csrc/cpu_kernels.cpp): paged-attention decode (over a KV
+cache in the model dtype or in 8-bit codes + per-row scales, --kv-cache-dtype int8|fp8) and a
 row argmax over bf16/float32 logits.
 
 Compiled on first use with torch's C++ extension tooling (about 30 s, once per machine;

@@ -1,6 +1,7 @@
 """The only place that touches tensors: builds the step's flat batch, runs the model, samples.
 
-One flat, unpadded batch per step: decodes first (one row each), then prefill chunks.
+One flat, unpadded batch per step: decodes first (one row each; a request verifying k draft
+tokens has k + 1 decode rows), then prefill chunks.
 Logits are computed only for the rows that are sampled (plus prompt rows of requests that
 asked for prompt logprobs).
 """
@@ -16,15 +17,16 @@ from heron.core.scheduler import SchedulerOutput
 from heron.models.registry import get_model_class
 from heron.request import Request
 from heron.runner.attention import AttentionMetadata, get_attention_backend
-from heron.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_memory
+from heron.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, kv_code_dtype, num_blocks_for_memory
 from heron.sample.sampler import Sampler, SamplingRow, TokenLogprobs, compute_prompt_logprobs
 
 
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> this step's new tokens: one, or with drafts the accepted ones plus the target's next
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)   # aligned with `sampled`
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
@@ -69,13 +71,15 @@ class ModelRunner:
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
+        # None: K/V in the model dtype; int8/float8_e4m3fn: 8-bit codes + a float32 scale per (token, head)
+        self.kv_code_dtype = kv_code_dtype(config.kv_cache_dtype)
         self.num_blocks = 0
         self.stats = RunnerStats()
 
     # ---- KV cache ---------------------------------------------------------------------
     def bytes_per_block(self) -> int:
         return kv_bytes_per_block(self.num_layers, self.block_size, self.model.num_kv_heads, self.model.head_dim,
-                                  self.dtype)
+                                  self.dtype, self.kv_code_dtype)
 
     def allocate_kv_cache(self, gib: float | None, num_blocks: int | None) -> int:
         from heron.config import default_kv_cache_gib
@@ -86,13 +90,14 @@ class ModelRunner:
                 raise ValueError(f"kv_cache_memory {gib} GiB holds fewer than 2 blocks of "
                                  f"{self.bytes_per_block()} bytes; raise it")
         self.kv_caches = allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.model.num_kv_heads,
-                                            self.model.head_dim, self.dtype, self.device)
+                                            self.model.head_dim, self.dtype, self.device, self.kv_code_dtype)
         self.num_blocks = num_blocks
         return num_blocks
 
     # ---- one step ---------------------------------------------------------------------
     def read_block(self, block_id: int) -> torch.Tensor:
-        """A CPU copy of one block across all layers: [num_layers, 2, block_size, Hkv, D]."""
+        """A CPU copy of one block across all layers: [num_layers, 2, block_size, Hkv, D] (an 8-bit cache:
+        [num_layers, 2, block_size, Hkv, D + 4] codes with their scales, the bytes as they are)."""
         return torch.stack([kv[:, block_id] for kv in self.kv_caches]).cpu()
 
     def write_block(self, block_id: int, payload: torch.Tensor) -> None:
@@ -106,14 +111,17 @@ class ModelRunner:
         for src, dst in out.blocks_to_copy:
             for kv in self.kv_caches:
                 kv[:, dst].copy_(kv[:, src])
-        decodes = [(r, n) for r, n in out.scheduled if n == 1]
-        prefills = [(r, n) for r, n in out.scheduled if n != 1]
+        # a request verifying k drafts is k + 1 decode rows (row j sees the cache up to its own
+        # position), so verification reads the paged cache in place like any decode
+        spec = out.spec_tokens
+        decodes = [(r, n) for r, n in out.scheduled if n == 1 or r.request_id in spec]
+        prefills = [(r, n) for r, n in out.scheduled if n != 1 and r.request_id not in spec]
         batch = decodes + prefills
         bs = self.block_size
         st = self.stats
         st.num_steps += 1
         st.num_mixed_steps += bool(decodes and prefills)
-        st.num_decode_tokens += len(decodes)
+        st.num_decode_tokens += sum(n for _, n in decodes)
         st.num_prefill_tokens += sum(n for _, n in prefills)
         st.num_chunked_prefills += sum(1 for r, n in prefills if r.num_computed_tokens + n < r.num_tokens)
 
@@ -121,25 +129,37 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []          # rows whose logits are sampled
-        sample_reqs: list[Request] = []
+        sample_reqs: list[Request] = []      # their requests (a request with k drafts has k + 1 rows)
+        sample_hist: list[list[int]] = []    # drafts before each row (part of its history)
         plp_rows: list[tuple[Request, int, int, int]] = []  # (request, row, prompt position, count) for prompt logprobs
         prefill_starts, prefill_lens, prefill_ctx, prefill_tables = [], [], [], []
         for request, num_new in batch:
             start = request.num_computed_tokens
             end = start + num_new
             row0 = len(input_ids)
-            input_ids.extend(request.all_token_ids[start:end])
+            drafts = spec.get(request.request_id)
+            input_ids.extend(request.all_token_ids[start:end] if not drafts else
+                             request.all_token_ids[start:] + drafts)
             positions.extend(range(start, end))
             blocks = request.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            if num_new != 1:
+            if num_new != 1 and not drafts:
                 prefill_starts.append(row0)
                 prefill_lens.append(num_new)
                 prefill_ctx.append(start)
                 prefill_tables.append(torch.tensor(blocks, dtype=torch.long))
-            if end == request.num_tokens:
+            if drafts:
+                # verification: every row from the last real token on is sampled, each with the
+                # drafts before it as history (penalties, min_tokens see what they would see)
+                first = row0 + num_new - 1 - len(drafts)
+                for j in range(len(drafts) + 1):
+                    sample_rows.append(first + j)
+                    sample_reqs.append(request)
+                    sample_hist.append(drafts[:j])
+            elif end == request.num_tokens:
                 sample_rows.append(row0 + num_new - 1)
                 sample_reqs.append(request)
+                sample_hist.append([])
             k = request.sampling_params.prompt_logprobs
             if k is not None:
                 # rows predicting prompt tokens 1..P-1 that have not been reported yet
@@ -149,13 +169,17 @@ class ModelRunner:
                     plp_rows.append((request, row0 + lo - start, lo, hi - lo))
 
         dev = self.device
-        nd = len(decodes)
+        nd = sum(n for _, n in decodes)
         if nd:
             max_blocks = max(len(r.block_ids) for r, _ in decodes)
-            table = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r, _ in decodes]
+            table, seq_lens = [], []
+            for r, n in decodes:
+                row = r.block_ids + [0] * (max_blocks - len(r.block_ids))
+                for j in range(n):
+                    table.append(row)
+                    seq_lens.append(r.num_computed_tokens + 1 + j)
             decode_tables = torch.tensor(table, dtype=torch.long, device=dev)
-            decode_seq_lens = torch.tensor([r.num_computed_tokens + 1 for r, _ in decodes], dtype=torch.long,
-                                           device=dev)
+            decode_seq_lens = torch.tensor(seq_lens, dtype=torch.long, device=dev)
         else:
             decode_tables = torch.zeros(0, 1, dtype=torch.long, device=dev)
             decode_seq_lens = torch.zeros(0, dtype=torch.long, device=dev)
@@ -178,13 +202,26 @@ class ModelRunner:
         result = RunnerOutput()
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])  # model dtype
-            rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids,
-                                r.generator) for r in sample_reqs]
+            rows = [SamplingRow(r.sampling_params, r.prompt_token_ids,
+                                r.output_token_ids + hist if hist else r.output_token_ids, r.eos_token_ids,
+                                r.generator) for r, hist in zip(sample_reqs, sample_hist)]
             sampled = self.sampler(logits, rows)
-            for request, token, lp in zip(sample_reqs, sampled.token_ids, sampled.logprobs):
-                result.sampled[request.request_id] = token
-                if lp is not None:
-                    result.logprobs[request.request_id] = lp
+            i = 0
+            while i < len(sample_reqs):
+                request = sample_reqs[i]
+                drafts = spec.get(request.request_id, ())
+                # accept drafts while they equal what the target sampled at their position: for
+                # greedy rows the target's own output; for sampled rows exactly the target's
+                # distribution (a deterministic draft is accepted with probability p(draft), as in
+                # the rejection rule of Leviathan et al. / Chen et al. with a one-hot draft
+                # distribution), and the first differing token is the correction
+                n = 0
+                while n < len(drafts) and sampled.token_ids[i + n] == drafts[n]:
+                    n += 1
+                result.sampled[request.request_id] = sampled.token_ids[i:i + n + 1]
+                if sampled.logprobs[i] is not None:
+                    result.logprobs[request.request_id] = sampled.logprobs[i:i + n + 1]
+                i += len(drafts) + 1
         for request, row0, first, count in plp_rows:
             logits = self.model.compute_logits(hidden[row0:row0 + count]).float()
             targets = request.prompt_token_ids[first + 1:first + 1 + count]

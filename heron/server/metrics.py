@@ -61,6 +61,13 @@ class ServerMetrics:
                                     "cpu / disk = the offload tiers).", ["model_name", "tier"], registry=r)
         self.offload_stored = counter("heron:kv_offload_stored_blocks", "KV blocks written through to the tiers.")
         self._prefix_hits.labels(model_name, "pool")   # shown from the start, at 0
+        self.spec_drafts = counter("heron:spec_decode_num_drafts",
+                                   "Speculative decoding: request-steps that verified draft tokens.")
+        self.spec_draft_tokens = counter("heron:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.")
+        self.spec_accepted = counter("heron:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_rate = gauge("heron:spec_decode_acceptance_rate", "Accepted / proposed draft tokens since start.")
+        self.spec_mean_len = gauge("heron:spec_decode_mean_accepted_length",
+                                   "Tokens produced per verifying request-step (accepted drafts + 1) since start.")
         self._prefix_seen: dict[str, int] = {}
         self._model = model_name
         self.ttft = histogram("heron:time_to_first_token_seconds", "Time to first token (arrival to first token).",
@@ -114,6 +121,17 @@ class ServerMetrics:
             if value > self._prefix_seen.get(key, 0):
                 metric.inc(value - self._prefix_seen.get(key, 0))
                 self._prefix_seen[key] = value
+        spec = engine.spec
+        if spec is not None:
+            st = spec.stats
+            for key, value, metric in [("drafts", st.num_steps, self.spec_drafts),
+                                       ("draft_tokens", st.num_proposed, self.spec_draft_tokens),
+                                       ("accepted", st.num_accepted, self.spec_accepted)]:
+                if value > self._prefix_seen.get(key, 0):
+                    metric.inc(value - self._prefix_seen.get(key, 0))
+                    self._prefix_seen[key] = value
+            self.spec_rate.set(st.acceptance_rate)
+            self.spec_mean_len.set(st.mean_accepted_length)
         if engine.num_steps > self._steps_seen:
             self.steps.inc(engine.num_steps - self._steps_seen)
             self._steps_seen = engine.num_steps

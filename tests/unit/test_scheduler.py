@@ -17,7 +17,7 @@ def _sched(num_blocks=64, block_size=4, budget=16, max_seqs=8, max_len=1024):
 
 def _step(s, token=7):
     out = s.schedule()
-    sampled = {r.request_id: token for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
+    sampled = {r.request_id: [token] for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
     s.update(out, sampled)
     return out
 

@@ -1,10 +1,13 @@
 // heron's CPU kernels.
 // paged_decode: paged attention for decode rows; reads K/V blocks in place (no gathered copy),
 //   online softmax in float32, one work item per (request, kv head) in torch's thread pool.
+//   The cache is in the model dtype, or 8-bit codes + a float32 scale per row (int8 or
+//   float8_e4m3fn), dequantized in registers.
 // argmax_rows: index of the first maximum of each row of [R, V] logits (bf16 or float32),
 //   rows or columns contiguous, split over the vocabulary across threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -285,6 +288,276 @@ bool dispatch_bf16_avx512(int64_t G, const c10::BFloat16* q, const c10::BFloat16
   }
 }
 #endif
+
+
+// ---- paged decode over an 8-bit KV cache (--kv-cache-dtype int8 | fp8) ---------------------
+// Each (token, kv head) row of the cache is D one-byte codes followed by a float32 scale
+// (heron/runner/kv_cache.py); value = code * scale, code an int8 or a float8_e4m3fn. The
+// kernels read the codes in place and dequantize in registers: q.k = scale_k * (q . codes_k),
+// and p * v = (p * scale_v) * codes_v, so no dequantized copy of a block is ever made.
+constexpr int64_t kScaleBytes = 4;
+
+inline float row_scale(const uint8_t* row, int64_t D) {
+  float s;
+  std::memcpy(&s, row + D, sizeof(float));
+  return s;
+}
+
+template <bool kFp8>
+inline float code_to_float(uint8_t c) {
+  if constexpr (kFp8) return static_cast<float>(c10::Float8_e4m3fn(c, c10::Float8_e4m3fn::from_bits()));
+  else return static_cast<float>(static_cast<int8_t>(c));
+}
+
+template <bool kFp8>
+inline void load_row_q8(const uint8_t* __restrict row, float* __restrict dst, int64_t D) {
+  const float s = row_scale(row, D);
+  for (int64_t i = 0; i < D; ++i) dst[i] = code_to_float<kFp8>(row[i]) * s;
+}
+
+// portable version (any q dtype, any D): one block's rows dequantized into a small scratch
+// buffer per work item, as decode_kernel does for bf16 rows
+template <typename T, bool kFp8>
+void decode_kernel_q8(const T* q, const uint8_t* kv, const int64_t* block_tables, const int64_t* seq_lens, T* out,
+                      int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t num_blocks, int64_t bs,
+                      int64_t max_blocks, int64_t window, float scale) {
+  const int64_t G = Hq / Hkv;
+  const int64_t W = D + kScaleBytes;                   // bytes per row
+  const int64_t v_offset = num_blocks * bs * Hkv * W;  // kv[1] starts here
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), kf(bs * D), vf(D), scores(G * bs), m(G), l(G);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t seq_len = seq_lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      for (int64_t g = 0; g < G; ++g) {
+        load_row(q + (b * Hq + h * G + g) * D, qf.data() + g * D, D);
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] *= scale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t* table = block_tables + b * max_blocks;
+      for (int64_t blk = start / bs; blk * bs < seq_len; ++blk) {
+        const int64_t t0 = std::max(blk * bs, start), t1 = std::min((blk + 1) * bs, seq_len);
+        const int64_t n = t1 - t0;
+        const int64_t base = ((table[blk] * bs + (t0 - blk * bs)) * Hkv + h) * W;
+        for (int64_t t = 0; t < n; ++t) load_row_q8<kFp8>(kv + base + t * Hkv * W, kf.data() + t * D, D);
+        for (int64_t g = 0; g < G; ++g) {
+          float bmax = m[g];
+          for (int64_t t = 0; t < n; ++t) {
+            float s = dot(qf.data() + g * D, kf.data() + t * D, D);
+            scores[g * bs + t] = s;
+            bmax = std::max(bmax, s);
+          }
+          const float corr = std::exp(m[g] - bmax);
+          l[g] *= corr;
+          float* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+          m[g] = bmax;
+          for (int64_t t = 0; t < n; ++t) {
+            const float p = std::exp(scores[g * bs + t] - bmax);
+            scores[g * bs + t] = p;
+            l[g] += p;
+          }
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          load_row_q8<kFp8>(kv + v_offset + base + t * Hkv * W, vf.data(), D);
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * bs + t];
+            float* a = acc.data() + g * D;
+            for (int64_t d = 0; d < D; ++d) a[d] += p * vf[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / l[g];
+        T* o = out + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// 16 codes -> 16 floats. int8: the code itself. fp8 (e4m3fn): the code's bits moved into a
+// float16 (sign to bit 15, exponent and mantissa to bits 7..13), which is exactly the fp8 value
+// times 2^-8 for normal and subnormal codes alike; the 2^8 is folded into the row's scale.
+// Sign-extending the byte to 16 bits and shifting left by 7 puts the sign in bit 15 (and a
+// copy in bit 14, which the mask clears) and exponent/mantissa in bits 7..13.
+template <bool kFp8>
+inline __m512 load_q8x16(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (kFp8) {
+    const __m256i x = _mm256_slli_epi16(_mm256_cvtepi8_epi16(raw), 7);
+    return _mm512_cvtph_ps(_mm256_and_si256(x, _mm256_set1_epi16(static_cast<short>(0xBF80))));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+  }
+}
+template <bool kFp8>
+constexpr float kQ8ScaleFactor = kFp8 ? 256.0f : 1.0f;
+
+// The structure of decode_kernel_bf16_avx512 (G compile-time, two keys per q.k pass, online
+// softmax 16 scores at a time, two 16-wide chunks of D per p.v pass) with the codes converted
+// in registers and the row scales applied to the scores (keys) and to the softmax weights
+// (values).
+template <typename T, int G, bool kFp8>
+void decode_kernel_q8_avx512(const T* q, const uint8_t* kv, const int64_t* block_tables, const int64_t* seq_lens,
+                             T* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t num_blocks, int64_t bs,
+                             int64_t max_blocks, int64_t window, float scale) {
+  const int64_t W = D + kScaleBytes;
+  const int64_t v_offset = num_blocks * bs * Hkv * W;
+  const int64_t row_stride = Hkv * W;  // between consecutive tokens of one block
+  const int64_t bs_pad = (bs + 15) / 16 * 16 + 16;
+  const float factor = kQ8ScaleFactor<kFp8>;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), scores(G * bs_pad), vscale(bs_pad, 0.f);
+    float m[G], l[G];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t seq_len = seq_lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      const T* qbase = q + (b * Hq + h * G) * D;
+      for (int g = 0; g < G; ++g) {
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(qbase[g * D + d]) * scale;
+        m[g] = -std::numeric_limits<float>::infinity();
+        l[g] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t* table = block_tables + b * max_blocks;
+      for (int64_t blk = start / bs; blk * bs < seq_len; ++blk) {
+        const int64_t t0 = std::max(blk * bs, start), t1 = std::min((blk + 1) * bs, seq_len);
+        const int64_t n = t1 - t0;
+        const uint8_t* kbase = kv + ((table[blk] * bs + (t0 - blk * bs)) * Hkv + h) * W;
+        const uint8_t* vbase = kbase + v_offset;
+        for (int64_t t = 0; t < n; t += 2) {
+          const uint8_t* k0 = kbase + t * row_stride;
+          const uint8_t* k1 = t + 1 < n ? k0 + row_stride : k0;
+          __m512 s0[G], s1[G];
+          for (int g = 0; g < G; ++g) s0[g] = s1[g] = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 16) {
+            const __m512 kx0 = load_q8x16<kFp8>(k0 + d), kx1 = load_q8x16<kFp8>(k1 + d);
+            for (int g = 0; g < G; ++g) {
+              const __m512 qx = _mm512_loadu_ps(&qf[g * D + d]);
+              s0[g] = _mm512_fmadd_ps(qx, kx0, s0[g]);
+              s1[g] = _mm512_fmadd_ps(qx, kx1, s1[g]);
+            }
+          }
+          const float ks0 = row_scale(k0, D) * factor, ks1 = row_scale(k1, D) * factor;
+          for (int g = 0; g < G; ++g) {
+            scores[g * bs_pad + t] = _mm512_reduce_add_ps(s0[g]) * ks0;
+            scores[g * bs_pad + t + 1] = _mm512_reduce_add_ps(s1[g]) * ks1;
+          }
+        }
+        for (int64_t t = 0; t < n; ++t) vscale[t] = row_scale(vbase + t * row_stride, D) * factor;
+        // online softmax per head; the stored weights carry the value rows' scales
+        for (int g = 0; g < G; ++g) {
+          float* sc = &scores[g * bs_pad];
+          __m512 vmax = _mm512_set1_ps(m[g]);
+          for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+            vmax = _mm512_mask_max_ps(vmax, mask, vmax, _mm512_maskz_loadu_ps(mask, sc + t));
+          }
+          const float bmax = _mm512_reduce_max_ps(vmax);
+          const float corr = std::exp(m[g] - bmax);  // exp(-inf) = 0 on the first block
+          m[g] = bmax;
+          __m512 vsum = _mm512_setzero_ps();
+          const __m512 vb = _mm512_set1_ps(bmax);
+          for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+            const __m512 p = exp_any(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + t), vb));
+            vsum = _mm512_mask_add_ps(vsum, mask, vsum, p);
+            _mm512_mask_storeu_ps(sc + t, mask, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(mask, &vscale[t])));
+          }
+          l[g] = l[g] * corr + _mm512_reduce_add_ps(vsum);
+          if (corr != 1.f) {
+            const __m512 c = _mm512_set1_ps(corr);
+            float* a = &acc[g * D];
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), c));
+          }
+        }
+        // acc[g] += (p[g][t] * scale_v[t]) * codes_v[t]
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32) {
+          __m512 a0[G], a1[G];
+          for (int g = 0; g < G; ++g) {
+            a0[g] = _mm512_loadu_ps(&acc[g * D + d]);
+            a1[g] = _mm512_loadu_ps(&acc[g * D + d + 16]);
+          }
+          for (int64_t t = 0; t < n; ++t) {
+            const __m512 vx0 = load_q8x16<kFp8>(vbase + t * row_stride + d);
+            const __m512 vx1 = load_q8x16<kFp8>(vbase + t * row_stride + d + 16);
+            for (int g = 0; g < G; ++g) {
+              const __m512 p = _mm512_set1_ps(scores[g * bs_pad + t]);
+              a0[g] = _mm512_fmadd_ps(p, vx0, a0[g]);
+              a1[g] = _mm512_fmadd_ps(p, vx1, a1[g]);
+            }
+          }
+          for (int g = 0; g < G; ++g) {
+            _mm512_storeu_ps(&acc[g * D + d], a0[g]);
+            _mm512_storeu_ps(&acc[g * D + d + 16], a1[g]);
+          }
+        }
+        for (; d < D; d += 16) {
+          __m512 a0[G];
+          for (int g = 0; g < G; ++g) a0[g] = _mm512_loadu_ps(&acc[g * D + d]);
+          for (int64_t t = 0; t < n; ++t) {
+            const __m512 vx0 = load_q8x16<kFp8>(vbase + t * row_stride + d);
+            for (int g = 0; g < G; ++g) a0[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * bs_pad + t]), vx0, a0[g]);
+          }
+          for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * D + d], a0[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const float inv = 1.f / l[g];
+        T* o = out + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+template <typename T, bool kFp8>
+bool dispatch_q8_avx512(int64_t G, const T* q, const uint8_t* kv, const int64_t* tables, const int64_t* lens, T* out,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t N, int64_t bs, int64_t mb,
+                        int64_t window, float scale) {
+  switch (G) {
+    case 1: decode_kernel_q8_avx512<T, 1, kFp8>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    case 2: decode_kernel_q8_avx512<T, 2, kFp8>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    case 4: decode_kernel_q8_avx512<T, 4, kFp8>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    case 8: decode_kernel_q8_avx512<T, 8, kFp8>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    default: return false;
+  }
+}
+#endif
+
+// Quantize rows of D values (each token's H rows contiguous, tokens `src_stride` elements
+// apart) into cache slots: the same float32 operations as heron.runner.kv_cache.quantize_kv
+// (amax / qmax, x / scale clamped, then round-half-even to int8 or to float8_e4m3fn), so
+// both writers store the same bytes.
+template <typename T, bool kFp8>
+void quantize_into_slots(const T* src, int64_t src_stride, const int64_t* slots, int64_t T_, int64_t H, int64_t D,
+                         uint8_t* dst) {
+  const int64_t W = D + kScaleBytes;
+  const float qmax = kFp8 ? 448.0f : 127.0f;
+  for (int64_t t = 0; t < T_; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const T* x = src + t * src_stride + h * D;
+      uint8_t* row = dst + (slots[t] * H + h) * W;
+      float amax = 0.f;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(to_float(x[d])));
+      const float s = amax / qmax;
+      const float safe = s > 0.f ? s : 1.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float y = std::min(std::max(to_float(x[d]) / safe, -qmax), qmax);
+        if constexpr (kFp8) row[d] = c10::Float8_e4m3fn(y).x;
+        else row[d] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(y)));
+      }
+      std::memcpy(row + D, &s, sizeof(float));
+    }
+  }
+}
 
 
 // ---- argmax over logits rows -----------------------------------------------------------
@@ -596,8 +869,40 @@ void gemv_bf16_impl(const uint16_t* x, const uint16_t* w, const uint16_t* bias, 
 }  // namespace
 
 // k/v [T, Hkv, D] (each token's Hkv*D values contiguous) into the cache slots
+static bool is_q8_cache(const torch::Tensor& kv_cache) {
+  return kv_cache.scalar_type() == at::kChar || kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+}
+
+// an 8-bit cache [2, N, bs, Hkv, D + 4]: k/v [T, Hkv, D] quantized into their slots
+static void write_kv_q8(const torch::Tensor& kv_cache, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& slots) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: contiguous int64");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v dtypes differ");
+  TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
+  const int64_t T = slots.numel(), H = kv_cache.size(3), D = kv_cache.size(4) - kScaleBytes;
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
+  TORCH_CHECK(k.size(0) == T && v.size(0) == T && k.numel() == T * H * D && v.numel() == T * H * D, "k/v shapes");
+  TORCH_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1 && (k.dim() < 3 || k.stride(1) == k.size(2)) &&
+              (v.dim() < 3 || v.stride(1) == v.size(2)), "k/v rows must be contiguous");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sl[t] >= 0 && sl[t] < num_slots, "slot out of range");
+  uint8_t* kdst = static_cast<uint8_t*>(kv_cache.data_ptr());
+  uint8_t* vdst = kdst + num_slots * H * (D + kScaleBytes);
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "write_kv_q8", [&] {
+    if (fp8) {
+      quantize_into_slots<scalar_t, true>(k.data_ptr<scalar_t>(), k.stride(0), sl, T, H, D, kdst);
+      quantize_into_slots<scalar_t, true>(v.data_ptr<scalar_t>(), v.stride(0), sl, T, H, D, vdst);
+    } else {
+      quantize_into_slots<scalar_t, false>(k.data_ptr<scalar_t>(), k.stride(0), sl, T, H, D, kdst);
+      quantize_into_slots<scalar_t, false>(v.data_ptr<scalar_t>(), v.stride(0), sl, T, H, D, vdst);
+    }
+  });
+}
+
 static void write_kv(const torch::Tensor& kv_cache, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& slots) {
+  if (is_q8_cache(kv_cache)) return write_kv_q8(kv_cache, k, v, slots);
   TORCH_CHECK(k.scalar_type() == kv_cache.scalar_type() && v.scalar_type() == kv_cache.scalar_type(),
               "k/v and kv_cache dtypes differ");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: contiguous int64");
@@ -619,6 +924,42 @@ static void write_kv(const torch::Tensor& kv_cache, const torch::Tensor& k, cons
   }
 }
 
+// decode rows over an 8-bit cache: the AVX-512 kernel for D % 16 == 0 and G in {1, 2, 4, 8},
+// else the portable one
+static torch::Tensor paged_decode_q8(const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                     const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t window,
+                                     double scale) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t N = kv_cache.size(1), bs = kv_cache.size(2), Hkv = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D + kScaleBytes && Hq % Hkv == 0,
+              "head shapes do not match (an 8-bit kv_cache has rows of D codes + a 4-byte scale)");
+  auto out = torch::empty_like(q);
+  const int64_t max_blocks = block_tables.size(1);
+  const auto* kvp = static_cast<const uint8_t*>(kv_cache.data_ptr());
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const float sc = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_q8", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+      const bool done = fp8 ? dispatch_q8_avx512<scalar_t, true>(Hq / Hkv, qp, kvp, tables, lens, op, B, Hq, Hkv, D,
+                                                                 N, bs, max_blocks, window, sc)
+                            : dispatch_q8_avx512<scalar_t, false>(Hq / Hkv, qp, kvp, tables, lens, op, B, Hq, Hkv, D,
+                                                                  N, bs, max_blocks, window, sc);
+      if (done) return;
+    }
+#endif
+    if (fp8)
+      decode_kernel_q8<scalar_t, true>(qp, kvp, tables, lens, op, B, Hq, Hkv, D, N, bs, max_blocks, window, sc);
+    else
+      decode_kernel_q8<scalar_t, false>(qp, kvp, tables, lens, op, B, Hq, Hkv, D, N, bs, max_blocks, window, sc);
+  });
+  return out;
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
                            torch::Tensor seq_lens, int64_t window, double scale, c10::optional<torch::Tensor> k,
                            c10::optional<torch::Tensor> v, c10::optional<torch::Tensor> slots) {
@@ -627,6 +968,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
   TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && block_tables.is_contiguous() &&
               seq_lens.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 tables");
+  if (is_q8_cache(kv_cache)) return paged_decode_q8(q, kv_cache, block_tables, seq_lens, window, scale);
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache dtypes differ");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t N = kv_cache.size(1), bs = kv_cache.size(2), Hkv = kv_cache.size(3);

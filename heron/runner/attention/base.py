@@ -3,7 +3,10 @@
 The flat batch holds decodes first (query length 1, rows [0, num_decodes)) and then
 prefill chunks (query length >= 1 each, in the order of `prefill_*`). Every backend reads
 and writes the same paged KV cache layout: per layer a tensor
-`[2, num_blocks, block_size, num_kv_heads, head_dim]` (0 = keys, 1 = values).
+`[2, num_blocks, block_size, num_kv_heads, head_dim]` (0 = keys, 1 = values). With
+`--kv-cache-dtype int8|fp8` the tensor's dtype is torch.int8 / torch.float8_e4m3fn and its last
+dimension is `head_dim + 4`: each row's codes, then its float32 scale (heron.runner.kv_cache);
+backends quantize the step's K/V on write and dequantize what they read.
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """CPU backend: decode rows through a C++ paged-attention kernel that reads the KV blocks in
-place (no gathered copy of the context); prefill chunks as in the torch backend.
+place (no gathered copy of the context); prefill chunks as in the torch backend. With an
+8-bit cache (`--kv-cache-dtype int8|fp8`) the kernel quantizes the step's K/V into their slots
+and reads the codes and scales directly, dequantizing in registers.
 
 The kernel lives in heron.ops.cpu (compiled once per machine and cached); if no compiler
 is available the engine falls back to the portable torch backend.

@@ -4,6 +4,12 @@ Decodes: one batched scaled_dot_product_attention over the blocks each request n
 sliding-window layer only the blocks that overlap the window), with a validity mask.
 Prefill chunks: one SDPA per chunk; a first chunk attends to its own fresh keys/values with
 no gather at all, later chunks gather their context from the cache.
+
+With an 8-bit cache (`--kv-cache-dtype int8|fp8`, heron.runner.kv_cache) the step's K/V are
+quantized into their slots, and attention reads what the cache holds: the gathered blocks of
+each request are dequantized (only those, never the pool), and a first prefill chunk attends
+to its own quantize-dequantized K/V, so a request sees the same keys and values however its
+prompt was chunked or found in the prefix cache.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from heron.runner.attention.base import AttentionBackend, AttentionMetadata, AttentionSpec
+from heron.runner.kv_cache import dequantize_kv_rows, pack_kv_rows
 
 
 def _softcap_unsupported(spec: AttentionSpec) -> None:
@@ -25,10 +32,13 @@ class TorchAttentionBackend(AttentionBackend):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         _softcap_unsupported(spec)
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-        k_flat = kv_cache[0].view(num_slots, spec.num_kv_heads, spec.head_dim)
-        v_flat = kv_cache[1].view(num_slots, spec.num_kv_heads, spec.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        if kv_cache.element_size() == 1:
+            k, v = self._write_quantized(spec, k, v, kv_cache, meta, q.dtype)
+        else:
+            k_flat = kv_cache[0].view(num_slots, spec.num_kv_heads, spec.head_dim)
+            v_flat = kv_cache[1].view(num_slots, spec.num_kv_heads, spec.head_dim)
+            k_flat.index_copy_(0, meta.slot_mapping, k)
+            v_flat.index_copy_(0, meta.slot_mapping, v)
 
         out = torch.empty_like(q)
         nd = meta.num_decodes
@@ -39,6 +49,29 @@ class TorchAttentionBackend(AttentionBackend):
             out[start:start + qlen] = self._prefill(spec, i, q[start:start + qlen], k[start:start + qlen],
                                                     v[start:start + qlen], kv_cache, meta)
         return out
+
+    # ---- 8-bit cache --------------------------------------------------------------------
+    @staticmethod
+    def _write_quantized(spec: AttentionSpec, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                         meta: AttentionMetadata, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize the step's k/v into their slots (codes + scale per row); returns them
+        dequantized, which is what prefill chunks attend to (decodes read the cache)."""
+        code_dtype = kv_cache.dtype
+        raw = kv_cache.view(torch.uint8)
+        num_slots, width = raw.shape[1] * raw.shape[2], raw.shape[-1]
+        out = []
+        for i, x in enumerate((k, v)):
+            rows = pack_kv_rows(x, code_dtype)
+            raw[i].view(num_slots, spec.num_kv_heads, width).index_copy_(0, meta.slot_mapping, rows)
+            out.append(dequantize_kv_rows(rows, code_dtype, dtype) if meta.num_prefills else x)
+        return out[0], out[1]
+
+    @staticmethod
+    def _gather(kv_cache: torch.Tensor, which: int, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """kv_cache[which][blocks] in `dtype` (with an 8-bit cache: those blocks dequantized)."""
+        if kv_cache.element_size() != 1:
+            return kv_cache[which][blocks]
+        return dequantize_kv_rows(kv_cache[which].view(torch.uint8)[blocks], kv_cache.dtype, dtype)
 
     # ---- decode -----------------------------------------------------------------------
     def _decode_gather(self, spec: AttentionSpec, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +106,10 @@ class TorchAttentionBackend(AttentionBackend):
         blocks, mask = self._decode_gather(spec, meta)
         b, n = blocks.shape
         # [B, n, bs, Hkv, D] -> [B, Hkv, n*bs, D]
-        keys = kv_cache[0][blocks].view(b, n * meta.block_size, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        values = kv_cache[1][blocks].view(b, n * meta.block_size, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        keys = self._gather(kv_cache, 0, blocks, q.dtype).view(b, n * meta.block_size, spec.num_kv_heads,
+                                                                spec.head_dim).transpose(1, 2)
+        values = self._gather(kv_cache, 1, blocks, q.dtype).view(b, n * meta.block_size, spec.num_kv_heads,
+                                                                  spec.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=spec.scale,
                                              enable_gqa=spec.num_heads != spec.num_kv_heads)
         return out[:, :, 0, :]
@@ -95,8 +130,8 @@ class TorchAttentionBackend(AttentionBackend):
             kv_start = first_block * bs
             table = meta.prefill_block_tables[i][first_block:]
             seq_len = ctx + qlen
-            keys = kv_cache[0][table].flatten(0, 1)[:seq_len - kv_start]
-            values = kv_cache[1][table].flatten(0, 1)[:seq_len - kv_start]
+            keys = self._gather(kv_cache, 0, table, q.dtype).flatten(0, 1)[:seq_len - kv_start]
+            values = self._gather(kv_cache, 1, table, q.dtype).flatten(0, 1)[:seq_len - kv_start]
         kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
         kv_len = kh.shape[2]
         if ctx == 0 and (window is None or qlen <= window):
