@@ -83,8 +83,9 @@ class EngineConfig:
     kv_offload_gib: float = 8.0               # disk tier capacity
     kv_offload_cpu_gib: float = 0.0           # CPU-memory tier capacity (for CUDA pools; 0 = off)
     kv_cache_dtype: str = "auto"              # auto (the model dtype) | int8 | fp8 (8-bit codes + a scale per token and head)
-    quantization: str | None = None           # None | int8 | int4 (weight-only, applied after loading)
+    quantization: str | None = None           # None | int8 | int4 | gguf (weight-only, applied after loading)
     quantization_group_size: int = 64         # int4: input columns per scale/zero group
+    quantization_lm_head: str = "auto"        # auto | int8 | int4: the LM head's (and a tied embedding's) format
     speculative: str | None = None            # None | ngram | self-int4 | draft:MODEL (heron/spec)
     num_speculative_tokens: int | None = None # most drafts per request and step; None: 8 for ngram, 3 for draft models
     speculative_max_batch: int = 4            # no drafts while more requests than this are decoding
@@ -139,4 +140,5 @@ class EngineConfig:
         if self.quantization in ("none", ""):
             self.quantization = None
         from heron.quant.apply import check_quantization
-        check_quantization(self.quantization, self.quantization_group_size, self.torch_device)
+        check_quantization(self.quantization, self.quantization_group_size, self.torch_device, self.model,
+                           self.quantization_lm_head)

@@ -7,7 +7,11 @@ default 64). The layers keep only the packed weight, and run torch's packed CPU 
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`): activations stay in the model dtype.
 When the LM head is tied to the token embedding (Gemma), the embedding looks its rows up in
 the LM head's quantized weight (dequantizing only the rows it needs), so the 262k x 640 table
-is kept once, quantized.
+is kept once, quantized. `--quantization-lm-head int8|int4` gives the LM head a format of its own.
+
+`gguf` (heron.quant.gguf_native) keeps a GGUF file's own quantized weights instead: each layer
+gets the closest of these formats, decoded from the file's blocks (Q4_0/Q4_1/Q4_K exactly into
+int4 group 32; 5-bit and up re-quantized to int8 per channel).
 
 The rule per batch size: those kernels stream the packed weight once per call, which wins
 while a step has few rows (1 row: int4 4.7x and int8 2x faster than bf16 on the LM head) and
@@ -39,20 +43,52 @@ def quantized_linear(qweight, x: torch.Tensor, max_kernel_rows: int) -> torch.Te
     return torch.nn.functional.linear(x, qweight.dequantize(x.dtype))
 
 
-def check_quantization(method: str | None, group_size: int, device: torch.device) -> None:
+QUANTIZATION_METHODS = METHODS + ("gguf",)
+LM_HEAD_CHOICES = ("auto",) + METHODS
+
+
+def check_quantization(method: str | None, group_size: int, device: torch.device, model=None,
+                       lm_head: str = "auto") -> None:
+    """Validate the options; `model` (the engine's model argument) matters for `gguf` only, which
+    needs a GGUF file (it keeps that file's own quantized weights)."""
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ValueError(f"quantization_lm_head must be one of {', '.join(LM_HEAD_CHOICES)}; got {lm_head!r}")
     if method is None:
+        if lm_head != "auto":
+            raise ValueError(f"quantization_lm_head={lm_head} needs --quantization (int8, int4 or gguf)")
         return
-    if method not in METHODS:
-        raise ValueError(f"quantization must be one of {', '.join(METHODS)} (or none); got {method!r}")
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or none); got {method!r}")
     if method == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; "
                          f"got {group_size}")
     if device.type != "cpu":
         raise ValueError(f"--quantization {method} runs torch's packed CPU kernels; use --device cpu")
+    if method == "gguf":
+        from heron.models.loader import resolve_model
+        source = resolve_model(model)
+        if source.kind != "gguf":
+            raise ValueError(f"--quantization gguf keeps a GGUF file's own quantized weights, but model "
+                             f"{source.name!r} is an HF folder of safetensors; pass a .gguf file (or the default "
+                             f"model), or use --quantization int8 / int4 to quantize this one")
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> dict:
-    """Quantize every linear layer and the LM head in place; returns a summary (bytes before/after)."""
+def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=None, lm_head: str = "auto") -> dict:
+    """Quantize every linear layer and the LM head in place; returns a summary (bytes before/after).
+
+    `lm_head` ("auto" = as the other layers) gives the LM head, and a tied embedding, a format of
+    its own (int4 with `group_size`). `gguf` decodes the weights from the GGUF file's blocks
+    instead (heron.quant.gguf_native); `source` is then the model argument (a .gguf path, or None
+    for the default model)."""
+    if method == "gguf":
+        from heron.models.loader import resolve_model
+        from heron.quant.gguf_native import quantize_gguf_model
+        resolved = resolve_model(source)
+        if resolved.kind != "gguf":
+            raise ValueError(f"--quantization gguf needs a GGUF model; {resolved.name!r} is an HF folder")
+        summary = quantize_gguf_model(model, resolved.path, lm_head=lm_head)
+        _release_freed_memory()
+        return summary
     from heron.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from heron.layers.linear import LinearBase
     from heron.quant.weight_only import quantize
@@ -63,7 +99,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> dict:
         if not isinstance(module, (LinearBase, ParallelLMHead)):
             continue
         w = module.weight.detach()
-        qw = quantize(w, method, group_size if method == "int4" else None)
+        fmt = lm_head if isinstance(module, ParallelLMHead) and lm_head != "auto" else method
+        qw = quantize(w, fmt, group_size if fmt == "int4" else None)
         before += w.numel() * w.element_size()
         after += qw.nbytes()
         tied = [e for e in embeddings if isinstance(module, ParallelLMHead) and e.weight is module.weight]
@@ -72,4 +109,19 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> dict:
             emb.set_quantized(qw)
         layers += 1
     logger.info("quantized %d layers to %s: %.0f MB -> %.0f MB", layers, method, before / 1e6, after / 1e6)
+    _release_freed_memory()
     return dict(layers=layers, bytes_before=before, bytes_after=after)
+
+
+def _release_freed_memory() -> None:
+    """Hand the dropped bf16 weights and the quantizers' temporaries back to the OS. glibc keeps
+    freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap, so without this
+    the process stays ~250-500 MB larger than the quantized model (default model, measured)."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

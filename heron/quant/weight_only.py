@@ -40,6 +40,8 @@ What heron stores and computes
     Zero-point convention (also what `from_int4` takes, as GPTQ/AWQ store it):
         w = (q - zero) * scale,   q in 0..15, zero usually an integer in 0..15
     converted to the kernel's form as  scale_k = bf16(scale),  zero_k = bf16((8 - zero) * scale_k).
+    from_int4_affine takes ggml's form w = q * scale + offset (a float offset, as Q4_K's
+    -dmin*m), stored as scale_k = bf16(scale), zero_k = bf16(8 * scale + offset).
     quantize_int4 ("RTN"): per group of g input columns, range [min(wmin, 0), max(wmax, 0)]
     (zero is always on the grid, as GPTQ does), scale = range/15 rounded up to bf16,
     zero = round(-min/scale), q = clamp(round(w/scale) + zero, 0, 15). All-zero groups get
@@ -294,6 +296,50 @@ class QuantizedWeight:
         sz[:, :n, 1] = zk.t()
         return cls("int4", n, k, group_size, packed, sz)
 
+    @classmethod
+    def from_int4_affine(cls, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                         group_size: int = 32) -> QuantizedWeight:
+        """Group-wise int4 in ggml's form:  w[n, k] = qweight[n, k] * scales[n, k//g] + offsets[n, k//g]
+        (Q4_0: scale d, offset -8d; Q4_1: d, m; Q4_K: d*sc, -dmin*m), with float offsets that need
+        not be a whole number of steps.
+
+        qweight [N, K] integer codes 0..15; scales, offsets [N, K/g] floating. Stored as
+        scale_k = bf16(scale), zero_k = bf16(8*scale + offset), so the kernel's
+        (q - 8)*scale_k + zero_k differs from w by (q - 8)(scale_k - scale) plus zero_k's rounding:
+        at most 2^-8 * (8|scale| + |8*scale + offset|) (bf16 keeps 8 significant bits)."""
+        if not isinstance(qweight, torch.Tensor) or qweight.is_floating_point() or qweight.is_complex() \
+                or qweight.dtype == torch.bool:
+            raise TypeError(f"from_int4_affine: qweight must be an integer tensor of codes 0..15, got "
+                            f"{getattr(qweight, 'dtype', type(qweight).__name__)}")
+        if qweight.dim() != 2 or qweight.shape[0] == 0 or qweight.shape[1] == 0:
+            raise ValueError(f"from_int4_affine: qweight must be a non-empty 2-D [N, K] tensor of codes, "
+                             f"got {tuple(qweight.shape)}")
+        n, k = qweight.shape
+        _check_group_size(group_size, k, "from_int4_affine")
+        groups = k // group_size
+        for what, t in (("scales", scales), ("offsets", offsets)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"from_int4_affine: {what} must be a floating tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+            if tuple(t.shape) != (n, groups):
+                raise ValueError(f"from_int4_affine: {what} must have shape [N, K/group_size] = [{n}, {groups}], "
+                                 f"got {tuple(t.shape)}")
+        if any(t.device.type != "cpu" for t in (qweight, scales, offsets)):
+            raise ValueError("from_int4_affine: tensors must be on the CPU")
+        lo, hi = int(qweight.min()), int(qweight.max())
+        if lo < 0 or hi > 15:
+            raise ValueError(f"from_int4_affine: codes must be in 0..15, got values in [{lo}, {hi}]")
+        npad = _round_up(n, _INT4_N_MULTIPLE)
+        codes = qweight.detach()
+        if npad != n:
+            codes = torch.cat([codes, codes.new_zeros(npad - n, k)])
+        packed = _pack_int4(codes)
+        s = scales.detach().to(torch.float32)
+        sz = torch.zeros(groups, npad, 2, dtype=_KERNEL_DTYPE)
+        sz[:, :n, 0] = s.t()
+        sz[:, :n, 1] = (8.0 * s + offsets.detach().to(torch.float32)).t()
+        return cls("int4", n, k, group_size, packed, sz)
+
     # ---- use ------------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W.T [..., N] in x.dtype (no bias: the caller adds it).
@@ -344,6 +390,10 @@ class QuantizedWeight:
         n, k = self.out_features, self.in_features
         out = torch.empty(n, k, dtype=dtype)
         if self.method == "int8":
+            if dtype == _KERNEL_DTYPE:
+                # one pass, same values: int8 -> bf16 is exact and the bf16 multiply rounds the
+                # (exact) float32 product once, as the float32 path below followed by the cast does
+                return torch.mul(self.qweight[:, :k], self.scales[:, None], out=out)
             s = self.scales.float()
             for r0 in range(0, n, _ROW_CHUNK):
                 r1 = min(n, r0 + _ROW_CHUNK)
@@ -419,12 +469,15 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
     scales = torch.empty(n, dtype=torch.float32)
     for r0 in range(0, n, _ROW_CHUNK):
         r1 = min(n, r0 + _ROW_CHUNK)
-        wc = w[r0:r1].float()
-        s = _bf16_round_up(wc.abs().amax(dim=1) / 127.0)
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q[r0:r1] = torch.round(wc / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        scales[r0:r1] = s
+        q[r0:r1], scales[r0:r1] = rtn_int8_codes(w[r0:r1].float())
     return QuantizedWeight.from_int8(q, scales)
+
+
+def rtn_int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8's rounding on float32 rows [R, K] (finite): (q [R, K] int8, scales [R] float32)."""
+    s = _bf16_round_up(w.abs().amax(dim=1) / 127.0)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8), s
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> QuantizedWeight:
@@ -440,18 +493,24 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> QuantizedWeight
     zeros = torch.empty(n, groups, dtype=torch.float32)
     for r0 in range(0, n, _ROW_CHUNK):
         r1 = min(n, r0 + _ROW_CHUNK)
-        wc = w[r0:r1].float().view(r1 - r0, groups, group_size)
-        lo = wc.amin(dim=-1).clamp_(max=0.0)
-        hi = wc.amax(dim=-1).clamp_(min=0.0)
-        s = _bf16_round_up(hi / 15.0 - lo / 15.0)  # no overflow for |w| near the float max
-        nz = s > 0
-        safe = torch.where(nz, s, torch.ones_like(s))
-        z = torch.where(nz, torch.round(-lo / safe).clamp_(0, 15), torch.full_like(s, 8.0))
-        qc = (torch.round(wc / safe[..., None]) + z[..., None]).clamp_(0, 15)
-        q[r0:r1] = qc.view(r1 - r0, k).to(torch.uint8)
-        scales[r0:r1] = s
-        zeros[r0:r1] = z
+        q[r0:r1], scales[r0:r1], zeros[r0:r1] = rtn_int4_codes(w[r0:r1].float(), group_size)
     return QuantizedWeight.from_int4(q, scales, zeros, group_size)
+
+
+def rtn_int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_int4's rounding on float32 rows [R, K] (finite, K % group_size == 0):
+    (q [R, K] uint8 0..15, scales [R, K/g] float32, integer zeros [R, K/g] float32)."""
+    r, k = w.shape
+    groups = k // group_size
+    wc = w.view(r, groups, group_size)
+    lo = wc.amin(dim=-1).clamp_(max=0.0)
+    hi = wc.amax(dim=-1).clamp_(min=0.0)
+    s = _bf16_round_up(hi / 15.0 - lo / 15.0)  # no overflow for |w| near the float max
+    nz = s > 0
+    safe = torch.where(nz, s, torch.ones_like(s))
+    z = torch.where(nz, torch.round(-lo / safe).clamp_(0, 15), torch.full_like(s, 8.0))
+    qc = (torch.round(wc / safe[..., None]) + z[..., None]).clamp_(0, 15)
+    return qc.view(r, k).to(torch.uint8), s, z
 
 
 def quantize(weight: torch.Tensor, method: str, group_size: int | None = None) -> QuantizedWeight:

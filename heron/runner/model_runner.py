@@ -61,7 +61,8 @@ class ModelRunner:
         self.model.load_weights(weights)
         if config.quantization is not None:
             from heron.quant.apply import quantize_model
-            self.quant_summary = quantize_model(self.model, config.quantization, config.quantization_group_size)
+            self.quant_summary = quantize_model(self.model, config.quantization, config.quantization_group_size,
+                                                source=config.model, lm_head=config.quantization_lm_head)
         for module in self.model.modules():
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()

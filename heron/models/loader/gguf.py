@@ -320,6 +320,26 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+def _conventions(arch: str, gguf_name: str, n_head: int | None, n_kv_head: int | None) -> tuple[int | None, float]:
+    """llama.cpp's export conventions for one tensor: (heads of the rotary row permutation to undo, or
+    None; the constant to subtract from the values, 0.0 for none)."""
+    if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+        return None, 1.0
+    if arch == "llama" and n_head is not None and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+        return (n_head if ".attn_q." in gguf_name else n_kv_head), 0.0
+    return None, 0.0
+
+
+def unpermute_rotary_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation on anything indexed by output row first: a weight
+    [N, K], or its quantized codes [N, K] and per-row scales [N] / [N, groups] (the permutation
+    moves whole rows, so a quantized tensor is un-permuted by moving its codes and scales alike)."""
+    if rows.shape[0] % (2 * n_head):
+        raise ValueError(f"cannot un-permute {rows.shape[0]} rows for {n_head} rotary heads "
+                         f"(need a multiple of {2 * n_head})")
+    return _unpermute_rotary(rows, n_head)
+
+
 def dequantize_tensor(header: GGUFHeader, info: GGUFTensorInfo, data: np.ndarray | None = None) -> torch.Tensor:
     """A tensor's values as float32 in torch order, exactly as `gguf.quants.dequantize` computes them."""
     if data is None:
@@ -445,10 +465,11 @@ def _iter_tensors(header: GGUFHeader, dtype: torch.dtype, progress: bool) -> Ite
                 skipped.append(info.name)
                 continue
             w = dequantize_tensor(header, info, data)
-            if arch == "gemma3" and info.name.endswith("norm.weight"):
-                w = w - 1.0  # llama.cpp stores Gemma's (1 + w) RMSNorm scale as w + 1
-            elif arch == "llama" and n_head is not None and (".attn_q." in info.name or ".attn_k." in info.name):
-                w = _unpermute_rotary(w, n_head if ".attn_q." in info.name else n_kv_head)
+            rotary_heads, norm_offset = _conventions(arch, info.name, n_head, n_kv_head)
+            if norm_offset:
+                w = w - norm_offset  # llama.cpp stores Gemma's (1 + w) RMSNorm scale as w + 1
+            elif rotary_heads is not None:
+                w = _unpermute_rotary(w, rotary_heads)
             yield name, w.to(dtype).contiguous()
     unexpected = [n for n in skipped if n not in _IGNORED]
     if unexpected:
@@ -457,3 +478,50 @@ def _iter_tensors(header: GGUFHeader, dtype: torch.dtype, progress: bool) -> Ite
     if "rope_freqs.weight" in skipped:
         logger.warning("%s: rope_freqs.weight (llama3-style rope scaling factors) is ignored, as transformers "
                        "does; outputs may differ slightly from the original checkpoint", header.path.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw tensors: the stored ggml blocks, for `--quantization gguf` (heron.quant.gguf_native)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGUFRawTensor:
+    """One model tensor as the file stores it, under its HF name, with the conventions to apply
+    after decoding (the values `iter_gguf_tensors` yields are decode(blocks), then `- norm_offset`,
+    then `unpermute_rotary_rows(., rotary_heads)` when that is not None)."""
+
+    hf_name: str
+    info: GGUFTensorInfo
+    blocks: np.ndarray          # uint8 [rows, bytes per row] (a 1-D tensor: [bytes]); read-only view of the file
+    rotary_heads: int | None    # llama q/k: the rows are in llama.cpp's rotary order
+    norm_offset: float          # gemma3 norms are stored as w + 1
+
+    @property
+    def qtype(self) -> GGMLQuantizationType:
+        return self.info.qtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+
+def gguf_raw_tensors(path: str | os.PathLike) -> dict[str, GGUFRawTensor]:
+    """The model tensors of a GGUF file by HF name, undecoded (memory-mapped; nothing is read yet)."""
+    header = read_gguf_header(path)
+    _hf_arch(header)  # raises for unsupported architectures
+    arch = header.architecture
+    n_head = header.arch_value("attention.head_count")
+    n_kv_head = header.arch_value("attention.head_count_kv", n_head)
+    data = np.memmap(header.path, mode="r", dtype=np.uint8)
+    out = {}
+    for info in header.tensors:
+        name = hf_tensor_name(info.name, arch)
+        if name is None:
+            continue
+        block, type_size = GGML_QUANT_SIZES[info.qtype]
+        if info.shape[-1] % block:
+            raise ValueError(f"{header.path}: tensor {info.name} has rows of {info.shape[-1]} values, not a whole "
+                             f"number of {info.qtype.name} blocks of {block}")
+        raw = data[info.offset:info.offset + info.nbytes].reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
+        rotary_heads, norm_offset = _conventions(arch, info.name, n_head, n_kv_head)
+        out[name] = GGUFRawTensor(name, info, raw, rotary_heads, norm_offset)
+    return out
