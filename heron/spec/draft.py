@@ -95,7 +95,7 @@ class DraftModelProposer(Proposer):
         return drafts
 
     # ---- shadows ----------------------------------------------------------------------
-    def _sync(self, request: Request) -> _Shadow | None:
+    def _sync(self, request: Request) -> _Shadow:
         """The request's shadow, its tokens set to the request's (drafts rolled back)."""
         sh = self.shadows.get(request.request_id)
         if sh is None:
