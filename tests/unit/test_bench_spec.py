@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from heron.cli import main
 from tests.tiny_models import make_tiny_model
 
@@ -20,7 +22,8 @@ def test_spec_bench_runs_both_modes_and_checks_outputs(tmp_path):
     for row in result["tasks"].values():
         assert row["identical"] is True
         assert row["decode_ms_off"] > 0 and row["decode_ms_on"] > 0
-        assert row["speedup"] == round(row["decode_ms_off"] / row["decode_ms_on"], 2)
+        # the speedup comes from the unrounded medians; the ms fields are rounded to 0.01
+        assert row["speedup"] == pytest.approx(row["decode_ms_off"] / row["decode_ms_on"], rel=0.03)
         assert 0.0 <= row["acceptance_rate"] <= 1.0
     # the tiny tokenizer splits the English passage into unknown-word tokens: the prompt is long
     assert result["tasks"]["grounded"]["prompt_tokens"] > 100
