@@ -70,6 +70,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "more than it saves (default: 4)")
     g.add_argument("--ngram-min", type=int, default=2, help="ngram: shortest suffix to match (default: 2)")
     g.add_argument("--ngram-max", type=int, default=4, help="ngram: longest suffix to match (default: 4)")
+    g.add_argument("--speculative-tree-width", type=int, default=1, metavar="W",
+                   help="ngram: verify the W best distinct continuations together as a token tree (SpecInfer) "
+                        "in one forward; 1 = a single chain (default: 1, max 8)")
 
 
 def engine_kwargs(args) -> dict:
@@ -82,7 +85,7 @@ def engine_kwargs(args) -> dict:
                 kv_offload_gib=args.kv_offload_gib, kv_offload_cpu_gib=args.kv_offload_cpu_gib,
                 speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                 speculative_max_batch=args.speculative_max_batch, speculative_ngram_min=args.ngram_min,
-                speculative_ngram_max=args.ngram_max,
+                speculative_ngram_max=args.ngram_max, speculative_tree_width=args.speculative_tree_width,
                 quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                 quantization_lm_head=args.quantization_lm_head)
 

@@ -91,6 +91,7 @@ class EngineConfig:
     speculative_max_batch: int = 4            # no drafts while more requests than this are decoding
     speculative_ngram_min: int = 2            # ngram: shortest / longest suffix matched
     speculative_ngram_max: int = 4
+    speculative_tree_width: int = 1           # ngram: candidate continuations verified together as a token tree
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -135,6 +136,11 @@ class EngineConfig:
             if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
                 raise ValueError("ngram sizes need 1 <= speculative_ngram_min <= speculative_ngram_max; got "
                                  f"{self.speculative_ngram_min} and {self.speculative_ngram_max}")
+            if not 1 <= self.speculative_tree_width <= 8:
+                raise ValueError(f"speculative_tree_width must be in [1, 8], got {self.speculative_tree_width}")
+            if self.speculative_tree_width > 1 and self.speculative != "ngram":
+                raise ValueError("speculative_tree_width > 1 (token trees) needs speculative='ngram'; "
+                                 f"{self.speculative} proposes one chain")
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
         if self.quantization in ("none", ""):

@@ -68,6 +68,7 @@ class Request:
     num_times_passed: int = 0                    # times later requests were admitted first (cache-aware order)
     # speculative decoding
     spec_token_ids: list[int] = field(default_factory=list)   # draft tokens to verify in the next step
+    spec_parents: list[int] | None = None        # a token tree's parent per draft (heron.spec.tree); None: a chain
     spec_state: object = None                    # the proposer's per-request state (e.g. an n-gram index)
     num_spec_proposed: int = 0                   # draft tokens verified so far
     num_spec_accepted: int = 0                   # ... of which the target accepted

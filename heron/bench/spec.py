@@ -65,6 +65,7 @@ def run_spec_bench(args, engine_kwargs: dict) -> dict:
 
     result = dict(engine="heron", bench="spec", speculative=eng.config.speculative,
                   num_speculative_tokens=eng.config.num_speculative_tokens,
+                  tree_width=eng.config.speculative_tree_width,
                   dtype=str(eng.config.torch_dtype).replace("torch.", ""), quantization=eng.config.quantization,
                   output_tokens=args.output_len, iters=args.iters, tasks={})
     for task in tasks:

@@ -17,6 +17,8 @@ token plus the drafts, with KV slots for all of them; the runner scores them in 
 and returns the accepted drafts plus one token of its own, and `update` advances
 `num_computed_tokens` past the accepted ones only: the rejected drafts' slots are simply
 overwritten later (nothing is registered in the prefix cache beyond the computed tokens).
+The drafts may form a token tree (`Request.spec_parents`, heron.spec.tree): 1 + n slots for
+n nodes, and the runner moves the accepted path's KV into place.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 from heron.core.kv_cache_manager import KVCacheManager, cdiv
 from heron.request import Request, RequestStatus
+from heron.spec import tree
 
 ORDER_WINDOW = 256        # waiting requests considered for cache-aware ordering each step
 MAX_TIMES_PASSED = 16     # overtakes after which a waiting request goes to the front
@@ -41,6 +44,7 @@ class SchedulerOutput:
     blocks_to_load: list[tuple[int, object]] = field(default_factory=list)  # (dst, payload from a KV tier)
     preempted: list[Request] = field(default_factory=list)
     spec_tokens: dict[str, list[int]] = field(default_factory=dict)  # request id -> drafts scheduled with it
+    spec_parents: dict[str, list[int]] = field(default_factory=dict)  # request id -> its drafts' tree (not for chains)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -102,12 +106,12 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, f"running request {request.request_id} has nothing to compute"
-            drafts = self._drafts(request, num_new, budget)
+            drafts, parents = self._drafts(request, num_new, budget)
             num_new += len(drafts)
             while not self.kv.allocate_slots(request, num_new):
                 if drafts:              # memory is short: verify no drafts before preempting anyone
                     num_new -= len(drafts)
-                    drafts = []
+                    drafts, parents = [], None
                     continue
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -118,6 +122,8 @@ class Scheduler:
                 out.scheduled.append((request, num_new))
                 if drafts:
                     out.spec_tokens[request.request_id] = drafts
+                    if parents is not None:
+                        out.spec_parents[request.request_id] = parents
                 budget -= num_new
                 i += 1
                 continue
@@ -296,20 +302,25 @@ class Scheduler:
             return True
         return None
 
-    def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
-        """The request's drafts that fit this step: only while decoding, within the token
-        budget, the model's length and the request's max_tokens (the step yields at most
-        len(drafts) + 1 tokens)."""
+    def _drafts(self, request: Request, num_new: int, budget: int) -> tuple[list[int], list[int] | None]:
+        """The request's drafts that fit this step, with their tree's parents (None for a
+        chain): only while decoding, within the token budget, the model's length and the
+        request's max_tokens (the step yields at most depth + 1 tokens)."""
         drafts, request.spec_token_ids = request.spec_token_ids, []
+        parents, request.spec_parents = request.spec_parents, None
         if not drafts or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
-            return []
-        room = min(budget - 1, self.max_model_len - request.num_tokens,
-                   request.max_tokens - request.num_output_tokens - 1)
-        return drafts[:max(room, 0)]
+            return [], None
+        room = max(min(budget - 1, self.max_model_len - request.num_tokens), 0)
+        depth = max(request.max_tokens - request.num_output_tokens - 1, 0)
+        if parents is None:
+            return drafts[:min(room, depth)], None
+        drafts, parents = tree.trim(drafts, parents, room, depth)
+        return drafts, (None if tree.is_chain(parents) else parents)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.spec_token_ids = []
+        request.spec_parents = None
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

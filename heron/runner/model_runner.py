@@ -1,7 +1,8 @@
 """The only place that touches tensors: builds the step's flat batch, runs the model, samples.
 
 One flat, unpadded batch per step: decodes first (one row each; a request verifying k draft
-tokens has k + 1 decode rows), then prefill chunks.
+tokens has k + 1 decode rows), then prefill chunks (and token trees being verified: a
+chunk of the root and the tree's nodes under a tree attention mask, heron.spec.tree).
 Logits are computed only for the rows that are sampled (plus prompt rows of requests that
 asked for prompt logprobs).
 """
@@ -19,6 +20,7 @@ from heron.request import Request
 from heron.runner.attention import AttentionMetadata, get_attention_backend
 from heron.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, kv_code_dtype, num_blocks_for_memory
 from heron.sample.sampler import Sampler, SamplingRow, TokenLogprobs, compute_prompt_logprobs
+from heron.spec import tree
 
 
 
@@ -105,6 +107,21 @@ class ModelRunner:
         for layer, kv in enumerate(self.kv_caches):
             kv[:, block_id].copy_(payload[layer], non_blocking=False)
 
+    def _move_accepted(self, request: Request, path: list[int]) -> None:
+        """After a token tree's verification: the KV of accepted node path[d] (written at slot
+        position p + 1 + path[d]) moves to position p + 1 + d, where a chain would have put it.
+        Sources never lie below their targets (path[d] >= d), and all are read before writing."""
+        moves = [(1 + n, 1 + d) for d, n in enumerate(path) if n != d]
+        if not moves:
+            return
+        p, bs, blocks = request.num_computed_tokens, self.block_size, request.block_ids
+        src = torch.tensor([blocks[(p + a) // bs] * bs + (p + a) % bs for a, _ in moves], device=self.device)
+        dst = torch.tensor([blocks[(p + b) // bs] * bs + (p + b) % bs for _, b in moves], device=self.device)
+        for kv in self.kv_caches:
+            flat = kv.view(torch.uint8) if kv.element_size() == 1 else kv
+            flat = flat.view(2, -1, *kv.shape[3:])
+            flat[:, dst] = flat[:, src]
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         for bid, payload in out.blocks_to_load:
@@ -114,15 +131,19 @@ class ModelRunner:
                 kv[:, dst].copy_(kv[:, src])
         # a request verifying k drafts is k + 1 decode rows (row j sees the cache up to its own
         # position), so verification reads the paged cache in place like any decode
-        spec = out.spec_tokens
-        decodes = [(r, n) for r, n in out.scheduled if n == 1 or r.request_id in spec]
-        prefills = [(r, n) for r, n in out.scheduled if n != 1 and r.request_id not in spec]
-        batch = decodes + prefills
+        # a token tree (heron.spec.tree) is verified as a chunk with a tree mask instead
+        spec, trees = out.spec_tokens, out.spec_parents
+        decodes = [(r, n) for r, n in out.scheduled
+                   if n == 1 or (r.request_id in spec and r.request_id not in trees)]
+        chunks = [(r, n) for r, n in out.scheduled
+                  if n != 1 and (r.request_id not in spec or r.request_id in trees)]
+        batch = decodes + chunks
         bs = self.block_size
         st = self.stats
         st.num_steps += 1
-        st.num_mixed_steps += bool(decodes and prefills)
-        st.num_decode_tokens += sum(n for _, n in decodes)
+        prefills = [(r, n) for r, n in chunks if r.request_id not in spec]
+        st.num_mixed_steps += bool(prefills and len(prefills) < len(out.scheduled))
+        st.num_decode_tokens += sum(n for r, n in out.scheduled if r.request_id in spec or n == 1)
         st.num_prefill_tokens += sum(n for _, n in prefills)
         st.num_chunked_prefills += sum(1 for r, n in prefills if r.num_computed_tokens + n < r.num_tokens)
 
@@ -133,30 +154,40 @@ class ModelRunner:
         sample_reqs: list[Request] = []      # their requests (a request with k drafts has k + 1 rows)
         sample_hist: list[list[int]] = []    # drafts before each row (part of its history)
         plp_rows: list[tuple[Request, int, int, int]] = []  # (request, row, prompt position, count) for prompt logprobs
-        prefill_starts, prefill_lens, prefill_ctx, prefill_tables = [], [], [], []
+        prefill_starts, prefill_lens, prefill_ctx, prefill_tables, prefill_trees = [], [], [], [], []
+        dev = self.device
         for request, num_new in batch:
             start = request.num_computed_tokens
             end = start + num_new
             row0 = len(input_ids)
             drafts = spec.get(request.request_id)
+            parents = trees.get(request.request_id)
             input_ids.extend(request.all_token_ids[start:end] if not drafts else
                              request.all_token_ids[start:] + drafts)
-            positions.extend(range(start, end))
+            if parents is None:
+                positions.extend(range(start, end))
+            else:   # the root at `start`, each node at start + its depth
+                positions.append(start)
+                positions.extend(start + d for d in tree.depths(parents))
             blocks = request.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            if num_new != 1 and not drafts:
+            if num_new != 1 and (not drafts or parents is not None):
                 prefill_starts.append(row0)
                 prefill_lens.append(num_new)
                 prefill_ctx.append(start)
                 prefill_tables.append(torch.tensor(blocks, dtype=torch.long))
+                prefill_trees.append(None if parents is None else (
+                    torch.tensor(positions[row0:], dtype=torch.long, device=dev),
+                    tree.attention_mask(parents).to(dev)))
             if drafts:
                 # verification: every row from the last real token on is sampled, each with the
-                # drafts before it as history (penalties, min_tokens see what they would see)
+                # drafts on its path as history (penalties, min_tokens see what they would see)
                 first = row0 + num_new - 1 - len(drafts)
                 for j in range(len(drafts) + 1):
                     sample_rows.append(first + j)
                     sample_reqs.append(request)
-                    sample_hist.append(drafts[:j])
+                    sample_hist.append(drafts[:j] if parents is None else
+                                       [drafts[n] for n in tree.path_to(parents, j - 1)])
             elif end == request.num_tokens:
                 sample_rows.append(row0 + num_new - 1)
                 sample_reqs.append(request)
@@ -169,7 +200,6 @@ class ModelRunner:
                 if hi > lo:
                     plp_rows.append((request, row0 + lo - start, lo, hi - lo))
 
-        dev = self.device
         nd = sum(n for _, n in decodes)
         if nd:
             max_blocks = max(len(r.block_ids) for r, _ in decodes)
@@ -195,6 +225,7 @@ class ModelRunner:
             prefill_context_lens=prefill_ctx,
             prefill_block_tables=[t.to(dev) for t in prefill_tables],
             backend=self.backend,
+            prefill_trees=prefill_trees if any(t is not None for t in prefill_trees) else [],
         )
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
@@ -210,18 +241,27 @@ class ModelRunner:
             i = 0
             while i < len(sample_reqs):
                 request = sample_reqs[i]
-                drafts = spec.get(request.request_id, ())
+                rid = request.request_id
+                drafts = spec.get(rid, ())
                 # accept drafts while they equal what the target sampled at their position: for
                 # greedy rows the target's own output; for sampled rows exactly the target's
                 # distribution (a deterministic draft is accepted with probability p(draft), as in
                 # the rejection rule of Leviathan et al. / Chen et al. with a one-hot draft
-                # distribution), and the first differing token is the correction
-                n = 0
-                while n < len(drafts) and sampled.token_ids[i + n] == drafts[n]:
-                    n += 1
-                result.sampled[request.request_id] = sampled.token_ids[i:i + n + 1]
+                # distribution; in a tree, the child equal to the target's token, if any, is the
+                # one draft of it), and the first differing token is the correction
+                if rid in trees:
+                    parents = trees[rid]
+                    path = tree.accept(drafts, parents, sampled.token_ids[i:i + len(drafts) + 1])
+                    rows = [i] + [i + 1 + n for n in path]
+                    self._move_accepted(request, path)
+                else:
+                    n = 0
+                    while n < len(drafts) and sampled.token_ids[i + n] == drafts[n]:
+                        n += 1
+                    rows = list(range(i, i + n + 1))
+                result.sampled[rid] = [sampled.token_ids[r] for r in rows]
                 if sampled.logprobs[i] is not None:
-                    result.logprobs[request.request_id] = sampled.logprobs[i:i + n + 1]
+                    result.logprobs[rid] = [sampled.logprobs[r] for r in rows]
                 i += len(drafts) + 1
         for request, row0, first, count in plp_rows:
             logits = self.model.compute_logits(hidden[row0:row0 + count]).float()

@@ -17,6 +17,11 @@ Adaptive length: a request's next draft length is its recent accepted drafts per
 one (an exponential moving average, between 1 and --num-speculative-tokens), and nothing is
 proposed while more than --speculative-max-batch requests are decoding, where verifying
 drafts for every row would cost more than it saves (on CPU larger batches are compute-bound).
+
+Token trees (SpecInfer, heron/spec/tree.py): with --speculative-tree-width W > 1 the n-gram
+proposer offers its W best distinct continuations at once, merged into a trie, and the runner
+verifies every node in one forward under a tree attention mask. The draft counters then count
+tree nodes.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 from heron.request import Request
+from heron.spec import tree
 
 METHODS = ("ngram", "self-int4", "draft:MODEL")
 EMA_WEIGHT = 0.5        # weight of the newest step in a request's acceptance average
@@ -57,10 +63,11 @@ class Proposer:
 
 class Speculator:
     def __init__(self, proposer: Proposer, num_speculative_tokens: int, max_batch: int,
-                 max_model_len: int = 1 << 30) -> None:
+                 max_model_len: int = 1 << 30, tree_width: int = 1) -> None:
         self.proposer = proposer
         self.k = num_speculative_tokens
         self.max_batch = max_batch
+        self.tree_width = tree_width if hasattr(proposer, "propose_tree") else 1
         self.max_model_len = max_model_len
         self.stats = SpecStats()
 
@@ -108,7 +115,12 @@ class Speculator:
                 request.spec_token_ids = drafts.get(request.request_id, [])
             return
         for request, k in wanted:
-            request.spec_token_ids = self.proposer.propose(request, k)
+            if self.tree_width > 1:
+                tokens, parents = self.proposer.propose_tree(request, k, self.tree_width)
+                request.spec_token_ids = tokens
+                request.spec_parents = None if tree.is_chain(parents) else parents
+            else:
+                request.spec_token_ids = self.proposer.propose(request, k)
 
 
 def make_speculator(config, engine) -> Speculator:
@@ -124,4 +136,5 @@ def make_speculator(config, engine) -> Speculator:
         proposer = DraftModelProposer("draft", config, engine, method[len("draft:"):], None)
     else:  # config validation lists the methods
         raise ValueError(f"unknown speculative method {method!r}; available: {', '.join(METHODS)}")
-    return Speculator(proposer, config.num_speculative_tokens, config.speculative_max_batch, engine.max_model_len)
+    return Speculator(proposer, config.num_speculative_tokens, config.speculative_max_batch, engine.max_model_len,
+                      config.speculative_tree_width)

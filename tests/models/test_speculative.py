@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from heron import LLM, SamplingParams
-from heron.spec import Proposer
+from heron.spec import Proposer, tree
 from tests.tiny_models import VOCAB, hf_greedy, make_tiny_model
 
 MAX_TOKENS = 12
@@ -66,12 +66,47 @@ class OracleProposer(Proposer):
         return drafts
 
 
-def _oracle_llm(folder, model, prompts, max_tokens=MAX_TOKENS, **kw) -> LLM:
+class TreeOracleProposer(OracleProposer):
+    """Token trees of three branches: the oracle's drafts (wrong somewhere half of the time),
+    the known continuation going wrong at a random depth, and random tokens, in a shuffled
+    order, so the accepted path is often not the first branch (its KV has to move)."""
+
+    name = "tree-oracle"
+
+    def propose(self, request, k):
+        raise AssertionError("a tree proposer is asked for trees")
+
+    def propose_tree(self, request, k, width):
+        drafts = OracleProposer.propose(self, request, k)
+        ref = self.refs[tuple(request.prompt_token_ids)][request.num_output_tokens:][:k] or [5] * k
+        diverging = list(ref)
+        i = self.rng.randrange(len(diverging))
+        diverging[i] = 3 + (diverging[i] - 2) % (VOCAB - 3)
+        noise = [self.rng.randrange(3, VOCAB) for _ in range(k)]
+        branches = [drafts, diverging, noise]
+        self.rng.shuffle(branches)
+        return tree.build(branches[:width])
+
+
+def _oracle_llm(folder, model, prompts, max_tokens=MAX_TOKENS, tree_width=1, **kw) -> LLM:
     kw.setdefault("speculative_max_batch", 64)
-    llm = _llm(folder, speculative="ngram", **kw)
+    llm = _llm(folder, speculative="ngram", speculative_tree_width=tree_width, **kw)
     refs = {tuple(p): hf_greedy(model, p, max_tokens) for p in prompts}
-    llm.engine.spec.proposer = OracleProposer(refs)
+    llm.engine.spec.proposer = (TreeOracleProposer if tree_width > 1 else OracleProposer)(refs)
     return llm
+
+
+def _count_moves(llm) -> list[int]:
+    """Spy on the runner: how many token-tree steps accepted a path that was not the first branch."""
+    runner = llm.engine.runner
+    real = runner._move_accepted
+    moved = [0]
+
+    def spy(request, path):
+        moved[0] += any(n != d for d, n in enumerate(path))
+        real(request, path)
+    runner._move_accepted = spy
+    return moved
 
 
 def test_ngram_greedy_equals_hf(tiny):
@@ -102,7 +137,34 @@ def test_accepted_runs_and_rejections_equal_hf(tiny, k):
         assert len(o.outputs[0].token_ids) == MAX_TOKENS
 
 
-def test_budget_chunking_preemption_and_prefix_hits(tiny):
+@pytest.mark.parametrize("k", [2, 5])
+def test_token_trees_equal_hf(tiny, k):
+    folder, model = tiny
+    prompts = _prompts()
+    llm = _oracle_llm(folder, model, prompts, tree_width=3, num_speculative_tokens=k)
+    moved = _count_moves(llm)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(model, p, MAX_TOKENS)
+    stats = llm.engine.spec.stats
+    assert 0 < stats.num_accepted < stats.num_proposed
+    assert moved[0] > 0           # accepted paths off the first branch happened (their KV moved)
+
+
+def test_token_trees_with_an_8bit_cache_and_the_torch_backend_match_no_speculation(tiny):
+    folder, model = tiny
+    prompts = _prompts()
+    for kw in (dict(kv_cache_dtype="int8"), dict(attention_backend="torch")):
+        plain = _llm(folder, **kw).generate(prompts, GREEDY, use_tqdm=False)
+        llm = _oracle_llm(folder, model, prompts, tree_width=3, num_speculative_tokens=4, **kw)
+        moved = _count_moves(llm)
+        spec = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain], kw
+        assert moved[0] > 0
+
+
+@pytest.mark.parametrize("tree_width", [1, 3])
+def test_budget_chunking_preemption_and_prefix_hits(tiny, tree_width):
     folder, model = tiny
     prefixes = [[1] + _tokens(31, seed=30 + k) for k in range(3)]
     prompts = [prefixes[i % 3] + _tokens(5 + i, 40 + i) for i in range(9)]
@@ -110,7 +172,7 @@ def test_budget_chunking_preemption_and_prefix_hits(tiny):
     # 11 usable blocks of 16 tokens for 9 requests of up to 65 tokens: preemptions and
     # evictions; a budget of 40 tokens: prompts are chunked and drafts trimmed to what is left
     llm = _oracle_llm(folder, model, prompts, max_tokens, num_kv_blocks=12, max_num_batched_tokens=40,
-                      num_speculative_tokens=4)
+                      num_speculative_tokens=4, tree_width=tree_width)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)
     for p, o in zip(prompts, outs):
@@ -234,18 +296,24 @@ class FixedProposer(Proposer):
     def propose(self, request, k):
         return list(self.drafts[:k])
 
+    def propose_tree(self, request, k, width):    # the drafts, and a sibling for each of them
+        return tree.build([self.drafts[:k], [(t + 1) % SMALL_VOCAB for t in self.drafts[:k]]][:width])
 
-def test_sampled_outputs_follow_the_target_distribution(small_vocab_model):
+
+@pytest.mark.parametrize("tree_width", [1, 2])
+def test_sampled_outputs_follow_the_target_distribution(small_vocab_model, tree_width):
     """Chi-square test of the 4 sampled tokens against their exact joint distribution, with
-    2 drafts per step that are sometimes both accepted, sometimes one, sometimes none. A rule
-    that accepted drafts too often (or corrected from the wrong distribution) fails it."""
+    2 drafts per step that are sometimes both accepted, sometimes one, sometimes none (with a
+    token tree: two branches of 2). A rule that accepted drafts too often (or corrected from
+    the wrong distribution) fails it."""
     folder, model = small_vocab_model
     prompt = [1, 4, 3, 5]
     length = 4
     probs = _joint_probs(model, prompt, length)
     best = max(probs, key=probs.get)
     drafts = [best[1], best[2]]                   # likely, but far from always right
-    llm = _llm(folder, speculative="ngram", num_speculative_tokens=2, speculative_max_batch=100000, seed=11)
+    llm = _llm(folder, speculative="ngram", num_speculative_tokens=2, speculative_max_batch=100000, seed=11,
+               speculative_tree_width=tree_width)
     llm.engine.spec.proposer = FixedProposer(drafts)
     n = 4000
     params = SamplingParams(temperature=1.0, max_tokens=length, ignore_eos=True)

@@ -28,6 +28,10 @@ class AttentionMetadata:
     prefill_context_lens: list[int]       # tokens already cached before this chunk
     prefill_block_tables: list[torch.Tensor]  # [num_blocks_i] long each
     backend: AttentionBackend | None = None
+    # per prefill chunk: None, or a token tree being verified (heron.spec.tree): (query
+    # positions [qlen] long, mask [qlen, qlen] bool over the chunk's own keys); the chunk's
+    # queries see all of the context and, among the chunk's keys, only what the mask allows
+    prefill_trees: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # per-step scratch shared by layers (masks, gather indices)
 
     @property

@@ -134,7 +134,11 @@ class TorchAttentionBackend(AttentionBackend):
             values = self._gather(kv_cache, 1, table, q.dtype).flatten(0, 1)[:seq_len - kv_start]
         kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
         kv_len = kh.shape[2]
-        if ctx == 0 and (window is None or qlen <= window):
+        tree = meta.prefill_trees[i] if meta.prefill_trees else None
+        if tree is not None:
+            mask = self._tree_mask(spec, meta, i, kv_start, kv_len)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
+        elif ctx == 0 and (window is None or qlen <= window):
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=spec.scale, enable_gqa=gqa)
         else:
             q_pos = torch.arange(ctx, ctx + qlen, device=q.device)[:, None]
@@ -144,3 +148,20 @@ class TorchAttentionBackend(AttentionBackend):
                 mask &= k_pos > q_pos - window
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
         return out[0].transpose(0, 1)
+
+    @staticmethod
+    def _tree_mask(spec: AttentionSpec, meta: AttentionMetadata, i: int, kv_start: int, kv_len: int) -> torch.Tensor:
+        """A token tree's mask over keys [kv_start, kv_start + kv_len): the context (keys before
+        the chunk, within the window of each query's own position) and the chunk's keys the tree
+        mask allows (its ancestors and itself; all within any window, as a tree is shallow)."""
+        key = ("tree", i, spec.sliding_window, kv_start)
+        if key not in meta.cache:
+            ctx = meta.prefill_context_lens[i]
+            q_pos, tree_mask = meta.prefill_trees[i]
+            k_pos = torch.arange(kv_start, ctx, device=q_pos.device)[None, :]
+            context = k_pos <= q_pos[:, None]
+            if spec.sliding_window is not None:
+                context &= k_pos > q_pos[:, None] - spec.sliding_window
+            meta.cache[key] = torch.cat([context, tree_mask], dim=1)
+            assert meta.cache[key].shape[1] == kv_len
+        return meta.cache[key]
