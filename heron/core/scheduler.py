@@ -45,6 +45,9 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     spec_tokens: dict[str, list[int]] = field(default_factory=dict)  # request id -> drafts scheduled with it
     spec_parents: dict[str, list[int]] = field(default_factory=dict)  # request id -> its drafts' tree (not for chains)
+    # request ids whose few new tokens run as decode rows (one per token, reading the cache in
+    # place) rather than as a prefill chunk; only the last is sampled (a draft model's catch-up)
+    decode_rows: set[str] = field(default_factory=set)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -131,20 +131,20 @@ class ModelRunner:
                 kv[:, dst].copy_(kv[:, src])
         # a request verifying k drafts is k + 1 decode rows (row j sees the cache up to its own
         # position), so verification reads the paged cache in place like any decode
-        # a token tree (heron.spec.tree) is verified as a chunk with a tree mask instead
+        # (so do the few tokens of a request in `decode_rows`); a token tree (heron.spec.tree)
+        # is verified as a chunk with a tree mask instead
         spec, trees = out.spec_tokens, out.spec_parents
-        decodes = [(r, n) for r, n in out.scheduled
-                   if n == 1 or (r.request_id in spec and r.request_id not in trees)]
-        chunks = [(r, n) for r, n in out.scheduled
-                  if n != 1 and (r.request_id not in spec or r.request_id in trees)]
+        as_rows = {rid for rid in spec if rid not in trees} | out.decode_rows
+        decodes = [(r, n) for r, n in out.scheduled if n == 1 or r.request_id in as_rows]
+        chunks = [(r, n) for r, n in out.scheduled if n != 1 and r.request_id not in as_rows]
         batch = decodes + chunks
         bs = self.block_size
         st = self.stats
         st.num_steps += 1
         prefills = [(r, n) for r, n in chunks if r.request_id not in spec]
         st.num_mixed_steps += bool(prefills and len(prefills) < len(out.scheduled))
-        st.num_decode_tokens += sum(n for r, n in out.scheduled if r.request_id in spec or n == 1)
         st.num_prefill_tokens += sum(n for _, n in prefills)
+        st.num_decode_tokens += out.total_num_scheduled_tokens - sum(n for _, n in prefills)
         st.num_chunked_prefills += sum(1 for r, n in prefills if r.num_computed_tokens + n < r.num_tokens)
 
         input_ids: list[int] = []
@@ -171,7 +171,7 @@ class ModelRunner:
                 positions.extend(start + d for d in tree.depths(parents))
             blocks = request.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            if num_new != 1 and (not drafts or parents is not None):
+            if num_new != 1 and request.request_id not in as_rows:
                 prefill_starts.append(row0)
                 prefill_lens.append(num_new)
                 prefill_ctx.append(start)

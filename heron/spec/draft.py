@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=1)
 DRAFT_KV_GIB = 0.25          # the draft's own KV pool
+CATCH_UP_ROWS = 4            # unseen tokens up to this many are computed as decode rows
 
 
 class _Shadow:
@@ -80,7 +81,10 @@ class DraftModelProposer(Proposer):
             batch = [(sh, k, n) for sh, k, n in active if self.kv.allocate_slots(sh.req, n)]
             if not batch:
                 break
-            result = self.runner.execute(SchedulerOutput(scheduled=[(sh.req, n) for sh, _, n in batch]))
+            # a catch-up of a few tokens runs as decode rows (the paged kernel, no chunk gather)
+            rows = {sh.req.request_id for sh, _, n in batch if 1 < n <= CATCH_UP_ROWS}
+            result = self.runner.execute(SchedulerOutput(scheduled=[(sh.req, n) for sh, _, n in batch],
+                                                         decode_rows=rows))
             self.num_forwards += 1
             active = []
             for sh, k, n in batch:
