@@ -34,10 +34,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
                    help="auto = the C++ paged-attention kernel on CPU (compiled once, ~30 s, cached) and the "
                         "portable torch backend elsewhere or if the kernel cannot be built (default: auto)")
-    g.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
-                   help="weight-only quantization of the linear layers and the LM head after loading (CPU): "
-                        "int8 per output channel, int4 group-wise round-to-nearest, gguf = keep a GGUF's own "
-                        "quantized weights in the closest of those formats (default: none)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4", "w8a8", "gguf", "gptq", "awq"],
+                   help="quantization of the linear layers and the LM head after loading (CPU): weight-only "
+                        "int8 per output channel, int4 group-wise round-to-nearest, w8a8 = int8 weights and "
+                        "per-token int8 activations (integer matmuls for large batches), gguf = keep a GGUF's own "
+                        "quantized weights in the closest of those formats; gptq / awq: optional, a GPTQ / AWQ "
+                        "checkpoint (config.json quantization_config) always loads quantized (default: none)")
     g.add_argument("--quantization-group-size", type=int, default=64,
                    help="int4: input columns per scale/zero group, 32, 64, 128 or 256 (default: 64)")
     g.add_argument("--quantization-lm-head", default="auto", choices=["auto", "int8", "int4"],
@@ -335,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--output", default=None, help="also write the JSON line to this file")
     add_engine_args(ppl)
     ev.set_defaults(func=cmd_eval)
+
+    from heron.quant.cli import add_quantize_parser
+    add_quantize_parser(sub)
     return parser
 
 

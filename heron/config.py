@@ -83,7 +83,7 @@ class EngineConfig:
     kv_offload_gib: float = 8.0               # disk tier capacity
     kv_offload_cpu_gib: float = 0.0           # CPU-memory tier capacity (for CUDA pools; 0 = off)
     kv_cache_dtype: str = "auto"              # auto (the model dtype) | int8 | fp8 (8-bit codes + a scale per token and head)
-    quantization: str | None = None           # None | int8 | int4 | gguf (weight-only, applied after loading)
+    quantization: str | None = None           # None | int8 | int4 | w8a8 | gguf | gptq | awq (applied after loading)
     quantization_group_size: int = 64         # int4: input columns per scale/zero group
     quantization_lm_head: str = "auto"        # auto | int8 | int4: the LM head's (and a tied embedding's) format
     speculative: str | None = None            # None | ngram | self-int4 | draft:MODEL (heron/spec)

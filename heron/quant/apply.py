@@ -19,6 +19,10 @@ loses badly beyond (64 rows: 3-5x slower than bf16's blocked matmul). So a call 
 KERNEL_MAX_ROWS rows (8 for the LM head) runs the quantized kernel, and a larger one (prefill
 chunks, big decode batches) dequantizes the weight to the model dtype and runs the ordinary
 matmul; nothing but the quantized weight stays resident.
+
+`w8a8` (heron.quant.w8a8) is for the large calls instead: int8 weights per output channel and
+activations quantized per token at run time, multiplied as integers by oneDNN (VNNI/AMX-INT8);
+its small calls use the int8 weight-only kernel as above.
 """
 from __future__ import annotations
 
@@ -40,10 +44,13 @@ def quantized_linear(qweight, x: torch.Tensor, max_kernel_rows: int) -> torch.Te
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows <= max_kernel_rows:
         return qweight.matmul(x)
+    large = getattr(qweight, "matmul_large", None)       # w8a8: an integer matmul
+    if large is not None:
+        return large(x)
     return torch.nn.functional.linear(x, qweight.dequantize(x.dtype))
 
 
-QUANTIZATION_METHODS = METHODS + ("gguf",)
+QUANTIZATION_METHODS = METHODS + ("w8a8", "gguf", "gptq", "awq")   # gptq / awq: a checkpoint's own (heron.quant.checkpoint)
 LM_HEAD_CHOICES = ("auto",) + METHODS
 
 
@@ -53,9 +60,15 @@ def check_quantization(method: str | None, group_size: int, device: torch.device
     needs a GGUF file (it keeps that file's own quantized weights)."""
     if lm_head not in LM_HEAD_CHOICES:
         raise ValueError(f"quantization_lm_head must be one of {', '.join(LM_HEAD_CHOICES)}; got {lm_head!r}")
+    from heron.quant.checkpoint import check_checkpoint_options
+    if check_checkpoint_options(method, model, device):   # a GPTQ / AWQ checkpoint: loads quantized
+        if lm_head == "int4" and group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; "
+                             f"got {group_size}")
+        return
     if method is None:
         if lm_head != "auto":
-            raise ValueError(f"quantization_lm_head={lm_head} needs --quantization (int8, int4 or gguf)")
+            raise ValueError(f"quantization_lm_head={lm_head} needs --quantization (int8, int4, w8a8 or gguf)")
         return
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or none); got {method!r}")
@@ -100,7 +113,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=N
             continue
         w = module.weight.detach()
         fmt = lm_head if isinstance(module, ParallelLMHead) and lm_head != "auto" else method
-        qw = quantize(w, fmt, group_size if fmt == "int4" else None)
+        if fmt == "w8a8":
+            from heron.quant.w8a8 import W8A8Weight
+            qw = W8A8Weight.quantize(w)
+        else:
+            qw = quantize(w, fmt, group_size if fmt == "int4" else None)
         before += w.numel() * w.element_size()
         after += qw.nbytes()
         tied = [e for e in embeddings if isinstance(module, ParallelLMHead) and e.weight is module.weight]

@@ -60,8 +60,16 @@ class ModelRunner:
         cls = get_model_class(hf_config)
         with _default_dtype(self.dtype), torch.device(self.device):
             self.model = cls(hf_config)
-        self.model.load_weights(weights)
-        if config.quantization is not None:
+        from heron.quant.checkpoint import checkpoint_spec
+        ckpt = checkpoint_spec(hf_config)
+        if ckpt is not None:   # a GPTQ / AWQ checkpoint: its linear layers keep the checkpoint's quantized weights
+            from heron.quant.checkpoint import load_quantized_checkpoint
+            self.quant_summary = load_quantized_checkpoint(self.model, weights, ckpt, config.model,
+                                                           config.quantization_lm_head,
+                                                           config.quantization_group_size)
+        else:
+            self.model.load_weights(weights)
+        if config.quantization is not None and ckpt is None:
             from heron.quant.apply import quantize_model
             self.quant_summary = quantize_model(self.model, config.quantization, config.quantization_group_size,
                                                 source=config.model, lm_head=config.quantization_lm_head)

@@ -303,7 +303,7 @@ def test_config_errors(tmp_path):
     make_tiny_model("llama", tmp_path)
     with pytest.raises(ValueError, match="--quantization gguf keeps a GGUF file's own quantized weights.*HF folder"):
         EngineConfig(model=str(tmp_path), quantization="gguf")
-    with pytest.raises(ValueError, match="quantization must be one of int8, int4, gguf"):
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4, w8a8, gguf"):
         EngineConfig(quantization="q4_k")
     with pytest.raises(ValueError, match="--quantization gguf runs torch's packed CPU kernels; use --device cpu"):
         check_quantization("gguf", 64, torch.device("cuda"), None)

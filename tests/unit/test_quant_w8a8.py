@@ -1,0 +1,59 @@
+"""W8A8 (int8 weights per channel, int8 activations per token): the integer matmul against an
+exact reference built from the same codes, on both kernels, and the small-batch rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heron.quant.w8a8 import W8A8Weight, _onednn_available, quantize_activations
+
+
+def _reference(q: W8A8Weight, x: torch.Tensor) -> torch.Tensor:
+    qx, sx = quantize_activations(x)
+    qw, sw = q.int8.codes()
+    return (qx.double() @ qw.double().T) * sx.double() * sw.double()[None]
+
+
+def test_activation_codes_are_per_token_and_symmetric():
+    x = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [254.0, 1.0, -127.0]])
+    q, s = quantize_activations(x)
+    assert s.flatten().tolist() == pytest.approx([1 / 127, 1.0, 2.0])
+    assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 0, -64]]     # round half to even: 0.5 -> 0, -63.5 -> -64
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
+def test_integer_matmul_equals_the_exact_reference(kernel):
+    if kernel == "onednn" and not _onednn_available():
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    torch.manual_seed(0)
+    w = torch.randn(300, 640) * 0.05
+    q = W8A8Weight.quantize(w)
+    if kernel == "int_mm":
+        q._onednn = False
+        q.packed = q.int8.codes()[0].t().contiguous()
+    for rows in (5, 64, 333):
+        x = torch.randn(rows, 640).bfloat16() * 3
+        out = q.matmul_large(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 300)
+        ref = _reference(q, x)
+        # the only differences: float32 scaling and the final rounding to bf16
+        assert torch.allclose(out.double(), ref, rtol=2 ** -8, atol=1e-6)
+    # and it approximates the float product
+    x = torch.randn(64, 640).bfloat16()
+    rel = (q.matmul_large(x).float() - x.float() @ w.T).norm() / (x.float() @ w.T).norm()
+    assert rel < 0.02
+
+
+def test_batched_input_shapes_and_the_small_batch_path():
+    torch.manual_seed(1)
+    w = torch.randn(64, 128) * 0.1
+    q = W8A8Weight.quantize(w)
+    x = torch.randn(2, 7, 128).bfloat16()
+    assert torch.equal(q.matmul_large(x), q.matmul_large(x.reshape(14, 128)).reshape(2, 7, 64))
+    small = torch.randn(2, 128).bfloat16()
+    assert torch.equal(q.matmul(small), q.int8.matmul(small))       # few rows: weight-only int8
+    assert torch.equal(q.dequantize(), q.int8.dequantize())
+    assert q.nbytes() > q.int8.nbytes()
+    with pytest.raises(ValueError, match="wraps an int8"):
+        from heron.quant.weight_only import quantize_int4
+        W8A8Weight(quantize_int4(w, 64))
