@@ -90,11 +90,11 @@ def fused_ops(x: torch.Tensor):
 _disabled = os.environ.get("HERON_NO_FUSED_OPS", "") not in ("", "0")
 
 
-def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor):
+def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4):
     """The kernels module when `x @ weight.T` can run on the streaming bf16 GEMV kernel
-    (1-4 rows of a 2-D bf16 CPU input, contiguous weight, K a multiple of 32, AVX512-BF16),
-    else None."""
-    if (x.dim() != 2 or not 1 <= x.shape[0] <= 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+    (1-max_rows rows of a 2-D bf16 CPU input, max_rows <= 16, contiguous weight, K a multiple
+    of 32, AVX512-BF16), else None."""
+    if (x.dim() != 2 or not 1 <= x.shape[0] <= max_rows or x.dtype != torch.bfloat16 or x.device.type != "cpu"
             or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.shape[1] % 32 or _disabled):
         return None
     ops = load_kernel()

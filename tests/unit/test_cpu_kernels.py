@@ -96,7 +96,7 @@ def test_fused_ops_reject_other_dtypes():
         ops.act_and_mul(torch.zeros(2, 4), True)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_linear(rows, bias):
     ops = load_kernel()
@@ -109,6 +109,10 @@ def test_gemv_matches_linear(rows, bias):
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 1027)
     # products are exact in float32; only the summation order differs from float32 linear
     torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=2 ** -7, atol=1e-3)
+    # a row's result does not depend on the rows sharing the call (verification = plain decode)
+    assert torch.equal(out[-1], ops.gemv(x[-1:], w, b)[0])
+    with pytest.raises(RuntimeError, match="1-16 rows"):
+        ops.gemv(_bf16(17, 640, seed=6), w, b)
 
 
 def test_linear_layer_paths_agree():
