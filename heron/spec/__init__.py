@@ -117,6 +117,7 @@ class Speculator:
         for request, k in wanted:
             if self.tree_width > 1:
                 tokens, parents = self.proposer.propose_tree(request, k, self.tree_width)
+                tree.check_tree(tokens, parents)
                 request.spec_token_ids = tokens
                 request.spec_parents = None if tree.is_chain(parents) else parents
             else:
