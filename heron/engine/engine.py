@@ -84,6 +84,14 @@ class Engine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's maximum of {model_max}")
         self.max_model_len = config.max_model_len or model_max
         num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory, config.num_kv_blocks)
+        if self.runner.needs_smoothquant:
+            from heron.quant.w8a8 import smoothquant_model
+            t1 = time.monotonic()
+            self.runner.quant_summary = smoothquant_model(self.runner, self.tokenizer, config.smoothquant_alpha)
+            self.runner.needs_smoothquant = False
+            logger.info("w8a8 with SmoothQuant (alpha %.2f): calibrated on %d tokens in %.1fs",
+                        config.smoothquant_alpha, self.runner.quant_summary["calibration_tokens"],
+                        time.monotonic() - t1)
         self.kv_tiers = self._make_kv_tiers()
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                                self.kv_tiers)

@@ -86,7 +86,8 @@ def check_quantization(method: str | None, group_size: int, device: torch.device
                              f"model), or use --quantization int8 / int4 to quantize this one")
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=None, lm_head: str = "auto") -> dict:
+def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=None, lm_head: str = "auto",
+                   smooth: dict | None = None) -> dict:
     """Quantize every linear layer and the LM head in place; returns a summary (bytes before/after).
 
     `lm_head` ("auto" = as the other layers) gives the LM head, and a tied embedding, a format of
@@ -113,9 +114,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=N
             continue
         w = module.weight.detach()
         fmt = lm_head if isinstance(module, ParallelLMHead) and lm_head != "auto" else method
-        if fmt == "w8a8":
+        if fmt == "w8a8":   # `smooth`: SmoothQuant scales per module name (heron.quant.w8a8)
             from heron.quant.w8a8 import W8A8Weight
-            qw = W8A8Weight.quantize(w)
+            qw = W8A8Weight.quantize(w, (smooth or {}).get(name))
         else:
             qw = quantize(w, fmt, group_size if fmt == "int4" else None)
         before += w.numel() * w.element_size()

@@ -103,10 +103,11 @@ def test_w8a8_layers_and_their_rule_per_batch_size(tiny):
     kernel, more rows the integer matmul on per-token int8 activations; the engine's prompt
     logprobs stay close to those of the same int8 weights with bf16 activations."""
     from heron.quant.w8a8 import W8A8Weight
-    q = _llm(tiny, quantization="w8a8")
+    q = _llm(tiny, quantization="w8a8", smoothquant_alpha=0.0)
     model = q.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
     assert linears and all(isinstance(m.quant, W8A8Weight) and m.weight.numel() == 0 for m in linears)
+    assert all(m.quant.smooth is None for m in linears)
     layer = next(m for m in model.modules() if isinstance(m, LinearBase))
     for rows in (1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 40):
         x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
@@ -122,6 +123,42 @@ def test_w8a8_layers_and_their_rule_per_batch_size(tiny):
     # (logprobs around -12 on this random model; a wrong scale or zero point moves them by units)
     diff = (pa - pb).abs()
     assert diff.mean() < 0.1 and diff.max() < 0.4 and len(a.outputs[0].token_ids) == 4
+
+
+def test_w8a8_smoothquant_calibrates_and_keeps_the_model(tiny):
+    """SmoothQuant (the default for w8a8): calibration gives every linear and the LM head
+    per-channel scales; the quantized weights still describe the original matrix (the scales
+    divide back out), the tied embedding's rows are unchanged, and the outputs stay close to
+    the int8 weight-only ones."""
+    from heron.quant.w8a8 import W8A8Weight
+    q = _llm(tiny, quantization="w8a8")
+    model = q.engine.runner.model
+    assert q.engine.runner.quant_summary["calibration_tokens"] > 1000
+    rmods = dict(_llm(tiny).engine.runner.model.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, (LinearBase, ParallelLMHead)):
+            assert isinstance(m.quant, W8A8Weight) and m.quant.smooth is not None
+            assert not torch.allclose(m.quant.smooth, torch.ones_like(m.quant.smooth))
+            w, w0 = m.quant.dequantize(torch.float32), rmods[name].weight.float()
+            # still the original matrix (coarser where calibration saw small inputs: that is the
+            # trade SmoothQuant makes; forgetting to divide the scales back out is off by far more)
+            assert (w - w0).norm() / w0.norm() < 0.25, name
+    emb = next(m for m in model.modules() if isinstance(m, VocabParallelEmbedding))
+    head = next(m for m in model.modules() if isinstance(m, ParallelLMHead))
+    ids = torch.tensor([[0, 5, 383]])
+    assert torch.equal(emb(ids), head.quant.dequantize(torch.bfloat16)[ids])
+    prompt = make_prompts()[3]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
+    a = q.generate([prompt], params, use_tqdm=False)[0]
+    b = _llm(tiny, quantization="int8").generate([prompt], params, use_tqdm=False)[0]
+    pa = torch.tensor([next(iter(e.values())).logprob for e in a.prompt_logprobs[1:]])
+    pb = torch.tensor([next(iter(e.values())).logprob for e in b.prompt_logprobs[1:]])
+    diff = (pa - pb).abs()
+    # (this random model's channels are far less even than a trained one's, and smoothing costs
+    # it accuracy: ~0.2 mean here vs ~0.05 unsmoothed; the real model gains, see the slow test)
+    assert diff.mean() < 0.5 and diff.max() < 1.5
+    with pytest.raises(ValueError, match=r"smoothquant_alpha must be in \[0, 1\)"):
+        EngineConfig(quantization="w8a8", smoothquant_alpha=1.5)
 
 
 def test_config_errors():
@@ -142,7 +179,7 @@ def test_quantize_model_reports_sizes():
 @pytest.mark.slow
 def test_default_model_perplexity():
     """On the first 1,024 tokens of the shipped text (the full text: `heron eval perplexity`).
-    int8 meets issue 6's +1%; int4 round-to-nearest does not meet its +10% on this model
+    int8 meets issue 6's +1%, w8a8 (smoothed) its +3%; int4 round-to-nearest does not meet its +10% on this model
     (+61.5% on the full text: the GGUF's layers are mostly 5-bit and up), so for int4 this
     only guards against a broken path: worse than int8, far better than noise."""
     from heron.eval.perplexity import default_eval_text, perplexity
@@ -153,8 +190,8 @@ def test_default_model_perplexity():
         ppl[method] = perplexity(llm, text, 1024, max_tokens=1023)["perplexity"]
         del llm
     assert ppl["int8"] <= ppl[None] * 1.01
-    # w8a8 misses issue 6's +3% (+3.2% here, +3.7% on the full text): pinned with a margin
-    assert ppl["int8"] < ppl["w8a8"] <= ppl[None] * 1.05
+    # w8a8 with SmoothQuant (the default): issue 6's +3% (full text: +2.2%; unsmoothed +3.7%)
+    assert ppl["int8"] < ppl["w8a8"] <= ppl[None] * 1.03
     assert ppl["int8"] < ppl["int4"] <= ppl[None] * 2.0
 
 

@@ -57,3 +57,32 @@ def test_batched_input_shapes_and_the_small_batch_path():
     with pytest.raises(ValueError, match="wraps an int8"):
         from heron.quant.weight_only import quantize_int4
         W8A8Weight(quantize_int4(w, 64))
+
+
+def test_smooth_scales_move_activation_range_into_the_weight():
+    from heron.quant.w8a8 import smooth_scales
+    torch.manual_seed(2)
+    w = torch.randn(96, 128) * 0.05
+    x = torch.randn(40, 128).bfloat16()
+    x[:, 7] *= 60                                   # an outlier channel
+    s = smooth_scales(x.float().abs().amax(0), w, 0.65)
+    assert s.shape == (128,) and s[7] == s.max()
+    q = W8A8Weight.quantize(w, s)
+    out = q.matmul_large(x)
+    # exact reference: codes of W diag(s), activations x / s quantized per token
+    qx, sx = quantize_activations(x, smooth=s)
+    qw, sw = q.int8.codes()
+    ref = (qx.double() @ qw.double().T) * sx.double() * sw.double()[None]
+    assert torch.allclose(out.double(), ref, rtol=2 ** -8, atol=1e-6)
+    # smoothing helps with the outlier channel
+    exact = x.float() @ w.T
+    err_s = (out.float() - exact).norm()
+    err_0 = (W8A8Weight.quantize(w).matmul_large(x).float() - exact).norm()
+    assert err_s < err_0
+    # the weight still reads back as W; few rows divide x by s before the weight-only kernel
+    sw = q.int8.codes()[1]
+    assert ((q.dequantize(torch.float32) - w).abs() <= 0.51 * sw[:, None] / s[None, :] + 1e-6).all()
+    small = x[:2]
+    assert torch.equal(q.matmul(small), q.int8.matmul((small.float() / s).to(torch.bfloat16)))
+    with pytest.raises(ValueError, match="positive per-input-channel"):
+        W8A8Weight.quantize(w, torch.zeros(128))
