@@ -185,6 +185,8 @@ def smoothquant_model(runner, tokenizer, alpha: float = SMOOTH_ALPHA, text: str 
     from heron.quant.apply import quantize_model
     from heron.quant.calibration import calibration_windows, default_calibration_text
 
+    # (windows no longer than the KV pool holds)
+    context_len = max(2, min(context_len, (runner.num_blocks - 1) * runner.block_size))
     windows = calibration_windows(tokenizer, default_calibration_text() if text is None else text,
                                   num_tokens, context_len)
     act_max = calibrate_input_max(runner, windows, runner.config.max_num_batched_tokens)

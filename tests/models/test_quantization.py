@@ -157,6 +157,9 @@ def test_w8a8_smoothquant_calibrates_and_keeps_the_model(tiny):
     # (this random model's channels are far less even than a trained one's, and smoothing costs
     # it accuracy: ~0.2 mean here vs ~0.05 unsmoothed; the real model gains, see the slow test)
     assert diff.mean() < 0.5 and diff.max() < 1.5
+    # a KV pool smaller than a calibration window: the windows shrink to fit
+    small = _llm(tiny, quantization="w8a8", num_kv_blocks=12)
+    assert small.engine.runner.quant_summary["calibration_tokens"] > 1000
     with pytest.raises(ValueError, match=r"smoothquant_alpha must be in \[0, 1\)"):
         EngineConfig(quantization="w8a8", smoothquant_alpha=1.5)
 
