@@ -118,7 +118,10 @@ class Engine:
         from heron.core.kv_tiers import DiskKVTier, KVLayout, MemoryKVTier
         model = self.runner.model
         code_dtype = self.runner.kv_code_dtype   # an 8-bit cache: codes + a float32 scale per row
-        layout = KVLayout(model_id=_model_fingerprint(self.source), dtype=code_dtype or cfg.torch_dtype,
+        # the weights as run: a quantized model's KV differs from the same files' in bf16
+        quant = "" if cfg.quantization is None else (f"|{cfg.quantization}:{cfg.quantization_group_size}:"
+                                                     f"{cfg.quantization_lm_head}:{cfg.smoothquant_alpha}")
+        layout = KVLayout(model_id=_model_fingerprint(self.source) + quant, dtype=code_dtype or cfg.torch_dtype,
                           num_layers=self.runner.num_layers, block_size=cfg.block_size,
                           num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
                           scale_dtype=None if code_dtype is None else torch.float32)

@@ -184,6 +184,24 @@ def test_disk_tier_survives_restart_and_rejects_corrupt_files(tiny, tmp_path):
     llm3.engine.shutdown()
 
 
+def test_disk_tier_is_not_shared_across_quantization(tiny, tmp_path):
+    """Blocks computed with the plain weights are a miss for an int8-quantized engine on the same
+    directory (its KV differs), and the other way round."""
+    folder, model = tiny
+    prompt = [1] + _tokens(69, seed=14)
+    llm = _llm(folder, kv_offload_dir=str(tmp_path))
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    llm.engine.shutdown()
+    assert len(list(tmp_path.rglob("*.kvb"))) >= 4
+    q = _llm(folder, kv_offload_dir=str(tmp_path), quantization="int8")
+    out = q.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
+    q.engine.shutdown()
+    q2 = _llm(folder, kv_offload_dir=str(tmp_path), quantization="int8")   # its own blocks do hit
+    assert q2.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 64
+    q2.engine.shutdown()
+
+
 def test_cpu_tier_serves_blocks_evicted_from_the_pool(tiny):
     folder, model = tiny
     prompts = [[1] + _tokens(47, seed=60 + i) for i in range(4)]
