@@ -69,8 +69,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "same vocabulary drafts (default: off)")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="most draft tokens per request and step; each request adapts below it to its recent "
-                        "acceptance (default: 8 for ngram, 3 for draft models, whose every draft token costs a "
-                        "forward)")
+                        "acceptance (default: 8 for ngram; 5 for self-int4 and 3 for draft:MODEL, whose every "
+                        "draft token costs a forward)")
     g.add_argument("--speculative-max-batch", type=int, default=4,
                    help="propose nothing while more requests than this are decoding, where verification costs "
                         "more than it saves (default: 4)")

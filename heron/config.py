@@ -88,7 +88,7 @@ class EngineConfig:
     smoothquant_alpha: float = 0.65           # w8a8: SmoothQuant migration strength (0 = no smoothing, no calibration)
     quantization_lm_head: str = "auto"        # auto | int8 | int4: the LM head's (and a tied embedding's) format
     speculative: str | None = None            # None | ngram | self-int4 | draft:MODEL (heron/spec)
-    num_speculative_tokens: int | None = None # most drafts per request and step; None: 8 for ngram, 3 for draft models
+    num_speculative_tokens: int | None = None # most drafts per request and step; None: 8 for ngram, 5 for self-int4, 3 for draft:MODEL
     speculative_max_batch: int = 4            # no drafts while more requests than this are decoding
     speculative_ngram_min: int = 2            # ngram: shortest / longest suffix matched
     speculative_ngram_max: int = 4
@@ -131,7 +131,8 @@ class EngineConfig:
                 raise ValueError(f"speculative must be one of {', '.join(METHODS)} (or None); "
                                  f"got {self.speculative!r}")
             if self.num_speculative_tokens is None:   # a draft token costs a draft-model forward
-                self.num_speculative_tokens = 8 if self.speculative == "ngram" else 3
+                # (self-int4 at k = 3 / 5: 1.21x / 1.44x on W2, 1.17x / 1.16x on the grounded task)
+                self.num_speculative_tokens = {"ngram": 8, "self-int4": 5}.get(self.speculative, 3)
             if not 1 <= self.num_speculative_tokens <= 16:
                 raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
             if self.speculative_max_batch < 1:

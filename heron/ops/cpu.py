@@ -53,7 +53,8 @@ def load_kernel():
             if not (build_dir / f"{name}.so").exists():
                 logger.info("compiling heron's CPU kernels (one-off, ~30 s) in %s", build_dir)
             _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "argmax_rows", "rms_norm", "act_and_mul", "rope", "gemv",
-                                                                 "gemv_supported"],
+                                                                 "gemv_supported", "gemv_q8", "gemv_q4",
+                                                                 "gemv_q4_supported"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                   build_directory=str(build_dir), verbose=False)
         except Exception as e:  # no compiler, no ninja, unsupported platform ...
@@ -88,6 +89,15 @@ def fused_ops(x: torch.Tensor):
 
 
 _disabled = os.environ.get("HERON_NO_FUSED_OPS", "") not in ("", "0")
+
+
+def gemv_kernels():
+    """The kernels module when its GEMVs (bf16, and the int8/int4 ones of heron.quant.weight_only)
+    can run here (built, AVX512-BF16, not disabled by HERON_NO_FUSED_OPS), else None."""
+    if _disabled:
+        return None
+    ops = load_kernel()
+    return ops if ops is not None and ops.gemv_supported() else None
 
 
 def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4):

@@ -345,3 +345,73 @@ def test_lm_head_shape():
         ref = x.float() @ d.t()
         err = (y[:, rows].float() - ref).abs()
         assert bool((err <= 2.0 ** -7 * ref.abs() + 2.0 ** -12 * (x.float().abs() @ d.abs().t())).all())
+
+
+# ---- heron's own GEMV kernels (gemv_q8 / gemv_q4) for the small calls --------------------------
+def _kernels_or_skip():
+    ops = wo._gemv_kernels()
+    if ops is None:
+        pytest.skip("heron's CPU kernels are not built here (no compiler or no AVX512-BF16)")
+    return ops
+
+
+@pytest.mark.parametrize("method,gs,rows", [("int8", None, (1, 2, 5, 16)), ("int4", 32, (1, 3, 4, 8)),
+                                            ("int4", 64, (1, 2, 6, 7)), ("int4", 128, (1, 8))])
+@pytest.mark.parametrize("n,k", [(64, 256), (1536, 640), (640, 2048)])
+def test_gemv_kernels_take_small_calls_and_match(method, gs, rows, n, k):
+    ops = _kernels_or_skip()
+    if method == "int4" and not ops.gemv_q4_supported():
+        pytest.skip("the int4 GEMV needs AVX512-VBMI")
+    qw = quantize(_weight(n, k, seed=n + k), method, gs)
+    limit = wo._Q8_GEMV_MAX_ROWS if method == "int8" else wo._Q4_GEMV_MAX_ROWS
+    assert qw._fast == (f"gemv_q{8 if method == 'int8' else 4}", limit)
+    assert qw.blocked == (method == "int4")
+    x = _x((max(rows), k), seed=n)
+    for m in rows:
+        _assert_matches_dequantized(qw, x[:m])
+    # exactly the kernel's result, and each row's result independent of how many rows share the call
+    direct = (ops.gemv_q8(x, qw.qweight, qw.scales) if method == "int8"
+              else ops.gemv_q4(x, qw.qweight, qw.scales, gs))
+    assert torch.equal(qw.matmul(x), direct)
+    for m in rows:
+        assert torch.equal(qw.matmul(x[:m]), direct[:m])
+    assert torch.equal(qw.matmul(x[m - 1: m]), direct[m - 1: m])
+
+
+def test_blocked_int4_scales_serve_torch_kernel_dequantize_and_codes(monkeypatch):
+    _kernels_or_skip()
+    w = _weight(192, 256)
+    qw = quantize_int4(w, 32)
+    if not qw.blocked:
+        pytest.skip("the int4 GEMV kernel is not available here")
+    assert qw.scales.shape == (192 // 64, 256 // 32, 64, 2)
+    monkeypatch.setattr(wo, "_gemv_kernels", lambda: None)
+    plain = quantize_int4(w, 32)                      # torch's [G, N, 2] order
+    assert not plain.blocked and plain._fast is None
+    assert torch.equal(qw.group_scales(), plain.scales)
+    assert torch.equal(qw.group_scales(64, 150), plain.scales[:, 64:150])
+    assert torch.equal(qw.dequantize(torch.float32), plain.dequantize(torch.float32))
+    rows = torch.tensor([0, 63, 64, 130, 191, 5])
+    assert torch.equal(qw.dequantize_rows(rows), plain.dequantize_rows(rows))
+    assert all(torch.equal(a, b) for a, b in zip(qw.codes(), plain.codes()))
+    x = _x((12, 256))
+    assert torch.equal(qw.matmul(x), plain.matmul(x))  # > 8 rows: torch's kernel on both
+    small = x[:3]                                      # the GEMV kernel against torch's
+    err = (qw.matmul(small).float() - plain.matmul(small).float()).abs()
+    ref = small.float() @ plain.dequantize(torch.float32).t()
+    assert bool((err <= 2.0 ** -7 * ref.abs() + 1e-3).all())
+
+
+def test_gemv_kernel_input_checks():
+    ops = _kernels_or_skip()
+    q8 = quantize_int8(_weight(64, 256))
+    with pytest.raises(RuntimeError, match="1-16 rows"):
+        ops.gemv_q8(_x((17, 256)), q8.qweight, q8.scales)
+    with pytest.raises(RuntimeError, match="x \\[M, K\\], w \\[N, K\\]"):
+        ops.gemv_q8(_x((1, 128)), q8.qweight, q8.scales)
+    if ops.gemv_q4_supported():
+        q4 = quantize_int4(_weight(64, 256), 32)
+        with pytest.raises(RuntimeError, match="1-8 rows"):
+            ops.gemv_q4(_x((9, 256)), q4.qweight, q4.scales, 32)
+        with pytest.raises(RuntimeError, match="group size"):
+            ops.gemv_q4(_x((1, 256)), q4.qweight, q4.scales, 64)

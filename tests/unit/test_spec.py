@@ -60,7 +60,7 @@ def test_ngram_sizes_are_checked():
         EngineConfig(speculative="draft:")
     # every draft token of a draft model costs a forward: a shorter default
     assert EngineConfig(speculative="ngram").num_speculative_tokens == 8
-    assert EngineConfig(speculative="self-int4").num_speculative_tokens == 3
+    assert EngineConfig(speculative="self-int4").num_speculative_tokens == 5
     assert EngineConfig(speculative="draft:/some/model").num_speculative_tokens == 3
 
 

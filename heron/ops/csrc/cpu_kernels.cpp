@@ -855,6 +855,128 @@ void gemv_bf16_impl(const uint16_t* x, const uint16_t* w, const uint16_t* bias, 
 }
 #endif
 
+// ---- weight-only int8 / int4 GEMV for a few rows (heron.quant.weight_only) ---------------------
+// Memory-bound like the bf16 GEMV, so the codes are widened to bf16 in registers and multiplied
+// with VDPBF16PS: bf16 x times an integer code is exact in float32, so only the summation order
+// differs from torch's packed kernels. Each output's accumulation order does not depend on M.
+#if defined(__AVX512BF16__)
+// int8 per output channel: w [N, K] int8 row-major (K a multiple of 32), scales [N] bf16;
+// out[m, n] = bf16(scale[n] * sum_k x[m, k] * w[n, k]). One weight row at a time, as gemv_bf16_impl.
+template <int M>
+void gemv_q8_impl(const uint16_t* x, const int8_t* w, const uint16_t* scales, uint16_t* out, int64_t N,
+                  int64_t K) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* w0 = w + n * K;
+      __m512 a0[M];
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w0 + k))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w0 + k + 16))));
+        const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);   // elements 0..15 from lo: x's order
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m)
+          a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), wv);
+      }
+      const float s = bf2f(scales[n]);
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) out[m * N + n] = f2bf(_mm512_reduce_add_ps(a0[m]) * s);
+    }
+  });
+}
+
+#if defined(__AVX512VBMI__)
+// int4 in torch's AVX-512 packed layout (_convert_weight_to_int4pack_for_cpu, see
+// heron/quant/weight_only.py): rows in blocks of 64, a block stored as [K, 32] bytes, byte j of
+// row k holding the code of output row j (low nibble) and row j + 32 (high nibble);
+// sz [N/64, G, 64] (scale, zero) bf16 pairs per block, group g of `gs` inputs and row:
+// w = (q - 8) * scale + zero. (Torch's own [G, N] order puts a block's scales in G streams a
+// row of scales apart, which measured ~1.6x slower on the LM head.)
+// Output rows go 16 to a float32 vector, one per lane, two inputs k, k+1 per step: one 64-byte
+// load holds both rows of codes; VPERMB moves (code_k, code_k+1) of each output row into a lane
+// as bytes 0 and 2, and OR-ing 0x43 into bytes 1 and 3 makes the words bf16 128 + code, so
+//   sum_k x_k w_k = scale * sum_k x_k (128 + q_k) + (zero - 136 scale) * sum_k x_k   per group.
+// S slabs of 16 rows share each load (S = 4: the whole block; fewer for many rows M, so that the
+// 2 * M * S accumulators stay in registers). xsum [M, G]: the per-group sums of x in float32.
+template <int M, int S>
+void gemv_q4_impl(const uint16_t* x, const uint8_t* w, const uint32_t* sz, const float* xsum, uint16_t* out,
+                  int64_t N, int64_t K, int64_t gs) {
+  static_assert(S == 1 || S == 2 || S == 4, "S: 1, 2 or 4 slabs per pass");
+  const int64_t G = K / gs;
+  // slab part (rows 16*part .. 16*part + 15 of a block): lo nibbles (part < 2) or hi, bytes
+  // (16 * (part % 2) + r) and (32 + 16 * (part % 2) + r) of the load into lane r
+  alignas(64) uint8_t idx_b[2][64];
+  for (int sl = 0; sl < 2; ++sl)
+    for (int r = 0; r < 16; ++r) {
+      idx_b[sl][4 * r] = static_cast<uint8_t>(16 * sl + r);
+      idx_b[sl][4 * r + 1] = 0;
+      idx_b[sl][4 * r + 2] = static_cast<uint8_t>(32 + 16 * sl + r);
+      idx_b[sl][4 * r + 3] = 0;
+    }
+  const __m512i idx_tab[2] = {_mm512_load_si512(idx_b[0]), _mm512_load_si512(idx_b[1])};
+  const __mmask64 keep = 0x5555555555555555ull;                 // the code bytes (even)
+  const __m512i magic = _mm512_set1_epi16(0x4300), nib = _mm512_set1_epi8(0x0F);
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 bias = _mm512_set1_ps(136.f);
+  constexpr int passes = 4 / S;
+  at::parallel_for(0, N / 64 * passes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / passes, pass = item % passes;
+      int part[S];
+      for (int j = 0; j < S; ++j) part[j] = S == 4 ? j : S == 2 ? static_cast<int>(pass) + 2 * j : static_cast<int>(pass);
+      const uint8_t* wb = w + b * K * 32;
+      __m512 tot[M][S];
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+        for (int j = 0; j < S; ++j) tot[m][j] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 acc[M][S];
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+          for (int j = 0; j < S; ++j) acc[m][j] = _mm512_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {
+          const __m512i ab = _mm512_loadu_si512(wb + k * 32);
+          const __m512i lo = _mm512_and_si512(ab, nib), hi = _mm512_and_si512(_mm512_srli_epi16(ab, 4), nib);
+          __m512bh wv[S];
+#pragma GCC unroll 4
+          for (int j = 0; j < S; ++j)
+            wv[j] = (__m512bh)_mm512_or_si512(
+                _mm512_maskz_permutexvar_epi8(keep, idx_tab[part[j] & 1], part[j] >= 2 ? hi : lo), magic);
+#pragma GCC unroll 16
+          for (int m = 0; m < M; ++m) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + m * K + k));
+#pragma GCC unroll 4
+            for (int j = 0; j < S; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
+          }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < S; ++j) {
+          const __m512i p = _mm512_loadu_si512(sz + (b * G + g) * 64 + part[j] * 16);
+          const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+          const __m512 c = _mm512_fnmadd_ps(s, bias, _mm512_castsi512_ps(_mm512_and_si512(p, hi_mask)));
+#pragma GCC unroll 16
+          for (int m = 0; m < M; ++m)
+            tot[m][j] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[m * G + g]), _mm512_fmadd_ps(acc[m][j], s, tot[m][j]));
+        }
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+        for (int j = 0; j < S; ++j) {
+          alignas(64) float v[16];
+          _mm512_store_ps(v, tot[m][j]);
+          uint16_t* o = out + m * N + b * 64 + part[j] * 16;
+          for (int r = 0; r < 16; ++r) o[r] = f2bf(v[r]);
+        }
+    }
+  });
+}
+#endif
+#endif
+
 }  // namespace
 
 // k/v [T, Hkv, D] (each token's Hkv*D values contiguous) into the cache slots
@@ -1115,6 +1237,95 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   }
 #else
   TORCH_CHECK(false, "gemv needs AVX512-BF16");
+#endif
+  return out;
+}
+
+bool gemv_q4_supported() {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, K] bf16 (1 <= M <= 16), w [N, K] int8 (K a multiple of 32), scales [N] bf16 -> [M, N] bf16
+torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
+  check_bf16(x, "x");
+  check_bf16(scales, "scales");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w: contiguous [N, K] int8");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  TORCH_CHECK(M >= 1 && M <= 16 && K % 32 == 0, "gemv_q8: 1-16 rows and K a multiple of 32");
+  TORCH_CHECK(scales.numel() == N && scales.is_contiguous(), "scales: [N] contiguous");
+  x = x.contiguous();
+  auto out = torch::empty({M, N}, x.options());
+#if defined(__AVX512BF16__)
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const auto* wp = w.data_ptr<int8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  switch (M) {
+    case 1: gemv_q8_impl<1>(xp, wp, sp, op, N, K); break;
+    case 2: gemv_q8_impl<2>(xp, wp, sp, op, N, K); break;
+    case 3: gemv_q8_impl<3>(xp, wp, sp, op, N, K); break;
+    case 4: gemv_q8_impl<4>(xp, wp, sp, op, N, K); break;
+    case 5: gemv_q8_impl<5>(xp, wp, sp, op, N, K); break;
+    case 6: gemv_q8_impl<6>(xp, wp, sp, op, N, K); break;
+    case 7: gemv_q8_impl<7>(xp, wp, sp, op, N, K); break;
+    case 8: gemv_q8_impl<8>(xp, wp, sp, op, N, K); break;
+    case 9: gemv_q8_impl<9>(xp, wp, sp, op, N, K); break;
+    case 10: gemv_q8_impl<10>(xp, wp, sp, op, N, K); break;
+    case 11: gemv_q8_impl<11>(xp, wp, sp, op, N, K); break;
+    case 12: gemv_q8_impl<12>(xp, wp, sp, op, N, K); break;
+    case 13: gemv_q8_impl<13>(xp, wp, sp, op, N, K); break;
+    case 14: gemv_q8_impl<14>(xp, wp, sp, op, N, K); break;
+    case 15: gemv_q8_impl<15>(xp, wp, sp, op, N, K); break;
+    default: gemv_q8_impl<16>(xp, wp, sp, op, N, K); break;
+  }
+#else
+  TORCH_CHECK(false, "gemv_q8 needs AVX512-BF16");
+#endif
+  return out;
+}
+
+// x [M, K] bf16 (1 <= M <= 8), packed [N, K/2] uint8 in torch's AVX-512 int4 layout (N a multiple
+// of 64), sz [N/64, K/gs, 64, 2] bf16 -> [M, N] bf16
+torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t gs) {
+  check_bf16(x, "x");
+  check_bf16(sz, "scales_and_zeros");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
+  TORCH_CHECK(x.dim() == 2 && sz.dim() == 4 && sz.size(2) == 64 && sz.size(3) == 2 && sz.is_contiguous(),
+              "x [M, K], sz [N/64, G, 64, 2]");
+  const int64_t M = x.size(0), K = x.size(1), N = sz.size(0) * 64;
+  TORCH_CHECK(M >= 1 && M <= 8, "gemv_q4: 1-8 rows");
+  TORCH_CHECK(gs >= 2 && gs % 2 == 0 && K % gs == 0 && sz.size(1) == K / gs, "gemv_q4: K a multiple of an even group size");
+  TORCH_CHECK(packed.numel() == N * K / 2, "gemv_q4: packed must hold N*K/2 bytes");
+  x = x.contiguous();
+  const int64_t G = K / gs;
+  std::vector<float> xsum(M * G, 0.f);
+  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  for (int64_t i = 0; i < M * G; ++i)
+    for (int64_t j = 0; j < gs; ++j) xsum[i] += bf2f(xb[i * gs + j]);
+  auto out = torch::empty({M, N}, x.options());
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const auto* wp = packed.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
+  const float* xs = xsum.data();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  switch (M) {
+    case 1: gemv_q4_impl<1, 4>(xp, wp, sp, xs, op, N, K, gs); break;
+    case 2: gemv_q4_impl<2, 4>(xp, wp, sp, xs, op, N, K, gs); break;
+    case 3: gemv_q4_impl<3, 4>(xp, wp, sp, xs, op, N, K, gs); break;
+    case 4: gemv_q4_impl<4, 2>(xp, wp, sp, xs, op, N, K, gs); break;
+    case 5: gemv_q4_impl<5, 2>(xp, wp, sp, xs, op, N, K, gs); break;
+    case 6: gemv_q4_impl<6, 2>(xp, wp, sp, xs, op, N, K, gs); break;
+    case 7: gemv_q4_impl<7, 1>(xp, wp, sp, xs, op, N, K, gs); break;
+    default: gemv_q4_impl<8, 1>(xp, wp, sp, xs, op, N, K, gs); break;
+  }
+#else
+  TORCH_CHECK(false, "gemv_q4 needs AVX512-BF16 and AVX512-VBMI");
 #endif
   return out;
 }
