@@ -59,6 +59,9 @@ class Engine:
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        if config.torch_device.type == "cpu":
+            from heron.ops.cpu_memory import tune_malloc
+            tune_malloc()   # big per-step temporaries reuse memory instead of faulting in fresh pages
         torch.manual_seed(config.seed)
         t0 = time.monotonic()
         self.source = resolve_model(config.model)

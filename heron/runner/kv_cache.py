@@ -122,5 +122,11 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
     # On CPU the pool comes from calloc (numpy.zeros), whose large allocations are fresh zero
     # pages mapped on first write: resident memory grows with the blocks actually used instead
     # of the whole --kv-cache-memory up front (torch.zeros would write every page now).
+    # Its pages are asked to be 2 MiB ones (heron.ops.cpu_memory): writing new slots then faults
+    # once per 2 MiB instead of once per 4 KiB.
+    from heron.ops.cpu_memory import advise_huge_pages
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return [torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape) for _ in range(num_layers)]
+    caches = [torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape) for _ in range(num_layers)]
+    for cache in caches:
+        advise_huge_pages(cache)
+    return caches

@@ -1,0 +1,60 @@
+"""heron.ops.cpu_memory: glibc keeps freed memory (mallopt) and the KV pool asks for huge pages."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from heron.ops import cpu_memory
+from heron.runner.kv_cache import allocate_kv_caches
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt / madvise are Linux-only")
+
+_PROBE = ("import heron.ops.cpu_memory as m; print(m.tune_malloc(), m.tune_malloc())")
+
+
+@glibc
+def test_tune_malloc_applies_once_and_can_be_turned_off():
+    on = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True)
+    assert on.stdout.split() == ["True", "True"]
+    off = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True,
+                         env={"HERON_NO_MALLOC_TUNING": "1", "PATH": ""})
+    assert off.stdout.split() == ["False", "False"]
+
+
+def test_thp_mode_parses_the_bracketed_choice(tmp_path, monkeypatch):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(f if "transparent_hugepage" in str(p) else p,
+                                                                        *a, **k))
+    assert cpu_memory.thp_mode() == "madvise"
+    f.write_text("[never]\n")
+    assert cpu_memory.thp_mode() == "never"
+
+
+@glibc
+def test_advise_huge_pages_covers_the_aligned_interior_and_keeps_the_data(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "thp_mode", lambda: "madvise")
+    t = torch.from_numpy(np.zeros(9 << 20, dtype=np.uint8))
+    t[::4096] = 7
+    advised = cpu_memory.advise_huge_pages(t)
+    assert advised % cpu_memory.HUGE_PAGE == 0 and 3 * cpu_memory.HUGE_PAGE <= advised <= t.numel()
+    assert int(t[::4096].sum()) == 7 * (t.numel() // 4096) and int(t.sum()) == 7 * (t.numel() // 4096)
+    assert cpu_memory.advise_huge_pages(torch.zeros(1000, dtype=torch.uint8)) == 0    # smaller than a huge page
+    monkeypatch.setenv("HERON_NO_HUGE_PAGES", "1")
+    assert cpu_memory.advise_huge_pages(t) == 0
+    monkeypatch.delenv("HERON_NO_HUGE_PAGES")
+    monkeypatch.setattr(cpu_memory, "thp_mode", lambda: "never")
+    assert cpu_memory.advise_huge_pages(t) == 0
+
+
+def test_kv_pool_is_advised_and_zero(monkeypatch):
+    advised = []
+    monkeypatch.setattr(cpu_memory, "advise_huge_pages", lambda t: advised.append(t.data_ptr()) or 0)
+    caches = allocate_kv_caches(3, 64, 16, 1, 256, torch.bfloat16, torch.device("cpu"))
+    assert advised == [c.data_ptr() for c in caches]
+    assert all(c.shape == (2, 64, 16, 1, 256) and not c.any() for c in caches)
