@@ -370,3 +370,46 @@ def test_two_level_inverse_cdf_equals_float64_reference(vocab):
     # the guarantee that a positive-probability token is chosen is checked
     assert torch.equal(got[2:], ref[2:])
     assert bool((probs.gather(1, got[:, None]) > 0).all())
+
+
+def test_row_chunks_give_the_whole_batch_result(monkeypatch, sampler: Sampler) -> None:
+    """Large non-greedy batches are sampled in row chunks (bounded float32 temporaries);
+    seeded, greedy-with-bias, penalised and logprob rows must come out as one call gives."""
+    import heron.sample.sampler as sampler_mod
+
+    torch.manual_seed(3)
+    logits = torch.randn(11, V).bfloat16()
+    specs = [
+        SamplingParams(seed=7), SamplingParams(temperature=0, logit_bias={5: 4.0}),
+        SamplingParams(top_k=4, seed=8, logprobs=2), SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(top_p=0.7, seed=9), SamplingParams(repetition_penalty=1.3, seed=10),
+        SamplingParams(temperature=0.5, min_p=0.05, seed=11), SamplingParams(temperature=0),
+        SamplingParams(min_tokens=4, seed=12), SamplingParams(seed=13, logprobs=1),
+        SamplingParams(temperature=0, presence_penalty=0.5),
+    ]
+
+    def rows_() -> list[SamplingRow]:
+        return [row(p, output=[4, 5], seed=p.seed) for p in specs]
+
+    whole = sampler(logits, rows_())
+    calls = []
+    real_call = Sampler.__call__
+
+    def counting(self, lg, rs):
+        calls.append(lg.shape[0])
+        return real_call(self, lg, rs)
+
+    monkeypatch.setattr(sampler_mod, "_SAMPLE_CHUNK_BYTES", 3 * 4 * V)  # 3 rows a chunk
+    monkeypatch.setattr(Sampler, "__call__", counting)
+    chunked = sampler(logits, rows_())
+    assert calls == [11, 3, 3, 3, 2]  # it really split
+    assert chunked.token_ids == whole.token_ids
+    for a, b in zip(chunked.logprobs, whole.logprobs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank, [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-6)
+    # A plain greedy batch stays one argmax call, unsplit.
+    calls.clear()
+    sampler(logits, [row(SamplingParams(temperature=0)) for _ in range(11)])
+    assert calls == [11]
