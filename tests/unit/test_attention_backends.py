@@ -85,3 +85,39 @@ def test_decode_block_sizes(backend, dtype, tol, bs, window):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="available: auto, torch, cpu"):
         get_attention_backend("flash")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq,hkv,d,window", [(4, 1, 256, None), (4, 1, 256, 24), (4, 2, 32, 40)])
+def test_mixed_step_matches_reference(backend, dtype, tol, hq, hkv, d, window):
+    """A step of decode rows and prefill chunks (first chunks and chunks after a cached
+    context, some longer than the window) through forward(): every token attends to its own
+    prefix. The cpu backend runs the chunks' tokens through the paged kernel in bfloat16."""
+    be = get_attention_backend(backend)
+    bs = 16
+    decode_lens = [9, 40]                        # decodes: context + 1 new token
+    chunks = [(0, 37), (20, 13), (33, 1), (50, 30)]  # prefill (cached context, new tokens)
+    seq_lens = decode_lens + [c + n for c, n in chunks]
+    kv, tables, _, contexts = _make_case(dtype, hq, hkv, d, window, seq_lens, bs=bs, seed=2)
+    g = torch.Generator().manual_seed(5)
+    rows = [(i, n - 1) for i, n in enumerate(decode_lens)]
+    rows += [(len(decode_lens) + j, c + t) for j, (c, n) in enumerate(chunks) for t in range(n)]
+    q = torch.randn(len(rows), hq, d, generator=g).to(dtype)
+    k = torch.stack([contexts[r][0][p] for r, p in rows])
+    v = torch.stack([contexts[r][1][p] for r, p in rows])
+    slots = torch.tensor([tables[r, p // bs] * bs + p % bs for r, p in rows])
+    nd = len(decode_lens)
+    starts = [nd + sum(n for _, n in chunks[:j]) for j in range(len(chunks))]
+    meta = AttentionMetadata(
+        block_size=bs, slot_mapping=slots, num_decodes=nd, decode_block_tables=tables[:nd].contiguous(),
+        decode_seq_lens=torch.tensor(decode_lens), prefill_query_starts=starts,
+        prefill_query_lens=[n for _, n in chunks], prefill_context_lens=[c for c, _ in chunks],
+        prefill_block_tables=[tables[nd + j, :-(-(c + n) // bs)] for j, (c, n) in enumerate(chunks)],
+        backend=be)
+    spec = AttentionSpec(hq, hkv, d, d ** -0.5, window)
+    out = be.forward(spec, q, k, v, kv, meta)
+    for row, (r, p) in enumerate(rows):
+        keys, values = contexts[r]
+        ref = _reference(q[row], keys[:p + 1], values[:p + 1], spec.scale, window)
+        torch.testing.assert_close(out[row].float(), ref, atol=tol, rtol=tol)

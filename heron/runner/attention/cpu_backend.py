@@ -1,5 +1,11 @@
-"""CPU backend: decode rows through a C++ paged-attention kernel that reads the KV blocks in
-place (no gathered copy of the context); prefill chunks as in the torch backend. With an
+"""CPU backend: a C++ paged-attention kernel that reads the KV blocks in place (no gathered
+copy of the context). Decode rows go through it, and so do bfloat16 prefill chunks: a chunk's
+token at position p is a row that attends to the first p + 1 cached tokens (within the
+sliding window), so one kernel call per layer serves every token of a mixed step. Against
+one masked SDPA per chunk this is 2-4.5x faster here (a 32-token suffix of a 1,024-token
+cached prefix; the kernel skips keys outside a sliding window, SDPA only masks them) and
+more precise (probabilities stay float32 in p.v; SDPA rounds them to bfloat16). Token trees
+and other dtypes keep the torch backend's prefill. With an
 8-bit cache (`--kv-cache-dtype int8|fp8`) the kernel quantizes the step's K/V into their slots
 and reads the codes and scales directly, dequantizing in registers.
 
@@ -25,13 +31,41 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def forward(self, spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if meta.num_prefills == 0 and spec.logit_softcap is None and q.device.type == "cpu":
-            # decode-only step: the kernel writes this step's keys/values into their slots and
-            # attends, one call per layer
-            return self.kernel.paged_decode(q.contiguous(), kv_cache, meta.decode_block_tables,
-                                            meta.decode_seq_lens, spec.sliding_window or 0, spec.scale, k, v,
-                                            meta.slot_mapping)
+        if spec.logit_softcap is None and q.device.type == "cpu":
+            if meta.num_prefills == 0:
+                # decode-only step: the kernel writes this step's keys/values into their slots
+                # and attends, one call per layer
+                return self.kernel.paged_decode(q.contiguous(), kv_cache, meta.decode_block_tables,
+                                                meta.decode_seq_lens, spec.sliding_window or 0, spec.scale, k, v,
+                                                meta.slot_mapping)
+            if q.dtype == torch.bfloat16 and not any(t is not None for t in meta.prefill_trees):
+                tables, seq_lens = self._row_tables(meta)
+                return self.kernel.paged_decode(q.contiguous(), kv_cache, tables, seq_lens,
+                                                spec.sliding_window or 0, spec.scale, k, v, meta.slot_mapping)
         return super().forward(spec, q, k, v, kv_cache, meta)
+
+    @staticmethod
+    def _row_tables(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token of the step as a decode row: its request's block table [T, max_blocks]
+        and the number of cached tokens it attends to [T] (position + 1; the kernel applies
+        the causal order and any sliding window through it). Built once per step."""
+        key = "row_tables"
+        if key not in meta.cache:
+            nd = meta.num_decodes
+            width = max([meta.decode_block_tables.shape[1] if nd else 0]
+                        + [t.numel() for t in meta.prefill_block_tables])
+            total = nd + sum(meta.prefill_query_lens)
+            tables = torch.zeros(total, width, dtype=torch.long)
+            seq_lens = torch.empty(total, dtype=torch.long)
+            if nd:
+                tables[:nd, :meta.decode_block_tables.shape[1]] = meta.decode_block_tables
+                seq_lens[:nd] = meta.decode_seq_lens
+            for start, qlen, ctx, table in zip(meta.prefill_query_starts, meta.prefill_query_lens,
+                                               meta.prefill_context_lens, meta.prefill_block_tables):
+                tables[start:start + qlen, :table.numel()] = table
+                torch.arange(ctx + 1, ctx + qlen + 1, out=seq_lens[start:start + qlen])
+            meta.cache[key] = (tables, seq_lens)
+        return meta.cache[key]
 
     def _decode(self, spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
