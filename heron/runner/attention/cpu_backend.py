@@ -20,7 +20,6 @@ is available the engine falls back to the portable torch backend.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from heron.ops.cpu import kernel_error, load_kernel
 from heron.runner.attention.base import AttentionMetadata, AttentionSpec
@@ -52,38 +51,43 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def _mixed(self, spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """A step with prefill chunks, bf16: first chunks by causal SDPA, the rest as kernel rows."""
-        tables, seq_lens = self._row_tables(meta)
-        window = spec.sliding_window
-        first = [
-            i for i, (ctx, qlen) in enumerate(zip(meta.prefill_context_lens, meta.prefill_query_lens))
-            if ctx == 0 and qlen > 1 and (window is None or qlen <= window)]
+        first, rows, row_tables, row_lens = self._mixed_plan(meta, spec.sliding_window)
+        window = spec.sliding_window or 0
         if not first:
-            return self.kernel.paged_decode(q.contiguous(), kv_cache, tables, seq_lens, window or 0, spec.scale,
+            return self.kernel.paged_decode(q.contiguous(), kv_cache, row_tables, row_lens, window, spec.scale,
                                             k, v, meta.slot_mapping)
-        key = ("rows", window)
+        self._write(spec, k, v, kv_cache, meta)   # every K/V into its slot first (the kernel then only reads)
+        out = torch.empty_like(q)
+        for i in first:   # the torch backend's causal SDPA over the chunk's own keys (no context)
+            s, n = meta.prefill_query_starts[i], meta.prefill_query_lens[i]
+            out[s:s + n] = self._prefill(spec, i, q[s:s + n], k[s:s + n], v[s:s + n], kv_cache, meta)
+        if rows is not None:
+            out[rows] = self.kernel.paged_decode(q[rows], kv_cache, row_tables, row_lens, window, spec.scale,
+                                                 None, None, None)
+        return out
+
+    def _mixed_plan(self, meta: AttentionMetadata, window: int | None):
+        """Per step and window, built once: the first chunks that take SDPA (no context, no
+        longer than the window) and the other tokens as kernel rows: their indices (None when
+        every row is taken; all rows when no chunk is), block tables and attended lengths."""
+        key = ("mixed", window)
         if key not in meta.cache:
-            in_first = torch.zeros(q.shape[0], dtype=torch.bool)
+            first = [i for i, (ctx, qlen) in enumerate(zip(meta.prefill_context_lens, meta.prefill_query_lens))
+                     if ctx == 0 and qlen > 1 and (window is None or qlen <= window)]
+            if not first:
+                meta.cache[key] = ([], None, *self._row_tables(meta))
+                return meta.cache[key]
+            in_first = torch.zeros(meta.num_decodes + sum(meta.prefill_query_lens), dtype=torch.bool)
             for i in first:
                 start = meta.prefill_query_starts[i]
                 in_first[start:start + meta.prefill_query_lens[i]] = True
-            rows = (~in_first).nonzero().flatten()
-            meta.cache[key] = (rows, tables[rows], seq_lens[rows])
-        rows, row_tables, row_lens = meta.cache[key]
-        # every K/V of the step into its slot first (the kernel then only reads)
-        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-        kv_cache[0].view(num_slots, spec.num_kv_heads, spec.head_dim).index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].view(num_slots, spec.num_kv_heads, spec.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
-        gqa = spec.num_heads != spec.num_kv_heads
-        for i in first:
-            s, n = meta.prefill_query_starts[i], meta.prefill_query_lens[i]
-            out[s:s + n] = F.scaled_dot_product_attention(
-                q[s:s + n].transpose(0, 1)[None], k[s:s + n].transpose(0, 1)[None], v[s:s + n].transpose(0, 1)[None],
-                is_causal=True, scale=spec.scale, enable_gqa=gqa)[0].transpose(0, 1)
-        if rows.numel():
-            out[rows] = self.kernel.paged_decode(q[rows], kv_cache, row_tables, row_lens, window or 0, spec.scale,
-                                                 None, None, None)
-        return out
+            if bool(in_first.all()):
+                meta.cache[key] = (first, None, None, None)
+            else:
+                tables, seq_lens = self._row_tables(meta)
+                rows = (~in_first).nonzero().flatten()
+                meta.cache[key] = (first, rows, tables[rows], seq_lens[rows])
+        return meta.cache[key]
 
     @staticmethod
     def _row_tables(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,10 +35,7 @@ class TorchAttentionBackend(AttentionBackend):
         if kv_cache.element_size() == 1:
             k, v = self._write_quantized(spec, k, v, kv_cache, meta, q.dtype)
         else:
-            k_flat = kv_cache[0].view(num_slots, spec.num_kv_heads, spec.head_dim)
-            v_flat = kv_cache[1].view(num_slots, spec.num_kv_heads, spec.head_dim)
-            k_flat.index_copy_(0, meta.slot_mapping, k)
-            v_flat.index_copy_(0, meta.slot_mapping, v)
+            self._write(spec, k, v, kv_cache, meta)
 
         out = torch.empty_like(q)
         nd = meta.num_decodes
@@ -49,6 +46,14 @@ class TorchAttentionBackend(AttentionBackend):
             out[start:start + qlen] = self._prefill(spec, i, q[start:start + qlen], k[start:start + qlen],
                                                     v[start:start + qlen], kv_cache, meta)
         return out
+
+    @staticmethod
+    def _write(spec: AttentionSpec, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+               meta: AttentionMetadata) -> None:
+        """The step's k/v [T, Hkv, D] into their slots of a cache in the model dtype."""
+        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+        kv_cache[0].view(num_slots, spec.num_kv_heads, spec.head_dim).index_copy_(0, meta.slot_mapping, k)
+        kv_cache[1].view(num_slots, spec.num_kv_heads, spec.head_dim).index_copy_(0, meta.slot_mapping, v)
 
     # ---- 8-bit cache --------------------------------------------------------------------
     @staticmethod
