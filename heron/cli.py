@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--workload", default="W1", choices=["W1", "W2", "W4"])
     tp.add_argument("--num-prompts", type=int, default=None, help="override the workload's prompt count")
     tp.add_argument("--output", default=None, help="JSON file (default: bench_results/heron_<W>_throughput.json)")
-    tp.add_argument("--warmup", action="store_true", help="run one tiny request before timing")
+    tp.add_argument("--warmup", action="store_true",
+                    help="run one tiny request before timing, and wait until the KV pool is mapped in (as vLLM's "
+                         "is at start-up)")
     tp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_args(tp)
     lat = bsub.add_parser("latency", help="single-stream latency on W2 (TTFT, decode ms/token); prints and saves "

@@ -141,6 +141,8 @@ class Engine:
         """Write out what the KV tiers still have queued and stop their threads (idempotent)."""
         for tier in self.kv_tiers:
             tier.close()
+        if self.runner.kv_prefault is not None:
+            self.runner.kv_prefault.stop()
 
     def kv_tier_stats(self) -> dict[str, dict[str, int]]:
         return {tier.name: tier.stats() for tier in self.kv_tiers}

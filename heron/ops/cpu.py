@@ -52,7 +52,7 @@ def load_kernel():
             build_dir.mkdir(parents=True, exist_ok=True)
             if not (build_dir / f"{name}.so").exists():
                 logger.info("compiling heron's CPU kernels (one-off, ~30 s) in %s", build_dir)
-            _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "argmax_rows", "rms_norm", "act_and_mul", "rope", "gemv",
+            _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm", "act_and_mul", "rope", "gemv",
                                                                  "gemv_supported", "gemv_q8", "gemv_q4",
                                                                  "gemv_q4_supported"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],

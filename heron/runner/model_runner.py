@@ -85,6 +85,7 @@ class ModelRunner:
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_prefault = None   # heron.ops.cpu_memory.KVPrefaulter on CPU
         # None: K/V in the model dtype; int8/float8_e4m3fn: 8-bit codes + a float32 scale per (token, head)
         self.kv_code_dtype = kv_code_dtype(config.kv_cache_dtype)
         self.num_blocks = 0
@@ -103,9 +104,15 @@ class ModelRunner:
             if num_blocks < 2:
                 raise ValueError(f"kv_cache_memory {gib} GiB holds fewer than 2 blocks of "
                                  f"{self.bytes_per_block()} bytes; raise it")
+        if self.kv_prefault is not None:
+            self.kv_prefault.stop()
         self.kv_caches = allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.model.num_kv_heads,
                                             self.model.head_dim, self.dtype, self.device, self.kv_code_dtype)
         self.num_blocks = num_blocks
+        if self.device.type == "cpu":
+            # map the pool's pages in on an idle-priority thread before the steps need them
+            from heron.ops.cpu_memory import KVPrefaulter
+            self.kv_prefault = KVPrefaulter(self.kv_caches)
         return num_blocks
 
     # ---- one step ---------------------------------------------------------------------

@@ -121,3 +121,100 @@ def test_mixed_step_matches_reference(backend, dtype, tol, hq, hkv, d, window):
         keys, values = contexts[r]
         ref = _reference(q[row], keys[:p + 1], values[:p + 1], spec.scale, window)
         torch.testing.assert_close(out[row].float(), ref, atol=tol, rtol=tol)
+
+
+def _make_shared_case(dtype, hq, hkv, d, shared, seq_lens, bs=16, seed=3):
+    """Requests whose first `shared` tokens (whole blocks) are the same physical blocks, as
+    after prefix-cache hits; each request's own tokens in blocks of its own."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 1 + shared // bs + sum(-(-(n - shared) // bs) for n in seq_lens) + 2
+    kv = torch.zeros(2, num_blocks, bs, hkv, d, dtype=dtype)
+    free = list(torch.randperm(num_blocks - 1, generator=g).add(1).tolist())
+    common = [free.pop() for _ in range(shared // bs)]
+    prefix_k = torch.randn(shared, hkv, d, generator=g).to(dtype)
+    prefix_v = torch.randn(shared, hkv, d, generator=g).to(dtype)
+    tables, contexts = [], []
+    for n in seq_lens:
+        blocks = common + [free.pop() for _ in range(-(-(n - shared) // bs))]
+        keys = torch.cat([prefix_k, torch.randn(n - shared, hkv, d, generator=g).to(dtype)])
+        values = torch.cat([prefix_v, torch.randn(n - shared, hkv, d, generator=g).to(dtype)])
+        for p in range(n):
+            kv[0, blocks[p // bs], p % bs] = keys[p]
+            kv[1, blocks[p // bs], p % bs] = values[p]
+        tables.append(blocks)
+        contexts.append((keys, values))
+    width = max(map(len, tables))
+    return kv, torch.tensor([t + [0] * (width - len(t)) for t in tables]), contexts
+
+
+@pytest.mark.parametrize("hq,hkv,d,window", [(4, 1, 256, None), (4, 1, 256, 150), (4, 1, 64, 100), (4, 2, 32, 180),
+                                             (8, 8, 64, None)])
+def test_cascade_decode_matches_reference(hq, hkv, d, window):
+    """Decode rows sharing a 160-token cached prefix go through cascade attention (the shared
+    keys once for all rows, merged with each row's own by log-sum-exp); rows whose window
+    starts inside the prefix are masked there, rows whose window misses it are plain rows."""
+    be = get_attention_backend("cpu")
+    seq_lens = [161, 170, 200, 175, 400, 161]
+    kv, tables, contexts = _make_shared_case(torch.bfloat16, hq, hkv, d, 160, seq_lens)
+    q = torch.randn(len(seq_lens), hq, d, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    meta = AttentionMetadata(block_size=16, slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(seq_lens),
+                             decode_block_tables=tables, decode_seq_lens=torch.tensor(seq_lens),
+                             prefill_query_starts=[], prefill_query_lens=[], prefill_context_lens=[],
+                             prefill_block_tables=[], backend=be)
+    spec = AttentionSpec(hq, hkv, d, d ** -0.5, window)
+    out = be._rows(spec, q, kv, meta, tables, meta.decode_seq_lens)
+    plan = meta.cache[("cascade", window)]
+    assert plan is not None                      # the shared prefix did take the cascade path
+    (rows, _, lo, lp, mask), = plan[0]
+    assert lp == 160 and rows.numel() >= 4
+    if window == 150:
+        assert rows.tolist() == [0, 1, 2, 3, 5] and lo == 11 and mask is not None   # 400 - 150 > 160
+    for i, (keys, values) in enumerate(contexts):
+        ref = _reference(q[i], keys, values, spec.scale, window)
+        torch.testing.assert_close(out[i].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("first_chunk", [False, True])
+@pytest.mark.parametrize("window", [None, 100])
+def test_cascade_mixed_step_matches_reference(first_chunk, window):
+    """A step of decodes and prefill chunks after a shared cached prefix (the followers of a
+    prefix-cache hit), with and without a first chunk in the same step: every token attends
+    to its own prefix."""
+    hq, hkv, d, bs, shared = 4, 1, 256, 16, 128
+    be = get_attention_backend("cpu")
+    decode_lens = [140, 129]
+    chunks = [(129, 20), (128, 33), (150, 5)] + ([(0, 140)] if first_chunk else [])
+    seq_lens = decode_lens + [c + n for c, n in chunks]
+    kv, tables, contexts = _make_shared_case(torch.bfloat16, hq, hkv, d, shared, seq_lens, bs=bs, seed=4)
+    if first_chunk:   # the last request is unrelated: a prompt of its own from position 0
+        last = len(seq_lens) - 1
+        kv2, tables2, _, contexts2 = _make_case(torch.bfloat16, hq, hkv, d, window, [140], bs=bs, seed=9)
+        base = kv.shape[1]
+        kv = torch.cat([kv, kv2[:, 1:]], dim=1)
+        row = tables2[0] + base - 1
+        tables[last] = torch.cat([row, torch.zeros(tables.shape[1] - row.numel(), dtype=torch.long)])
+        contexts[last] = contexts2[0]
+    g = torch.Generator().manual_seed(5)
+    rows = [(i, n - 1) for i, n in enumerate(decode_lens)]
+    rows += [(len(decode_lens) + j, c + t) for j, (c, n) in enumerate(chunks) for t in range(n)]
+    q = torch.randn(len(rows), hq, d, generator=g).to(torch.bfloat16)
+    k = torch.stack([contexts[r][0][p] for r, p in rows])
+    v = torch.stack([contexts[r][1][p] for r, p in rows])
+    slots = torch.tensor([tables[r, p // bs] * bs + p % bs for r, p in rows])
+    for r, p in rows:   # the step's own K/V are not in the cache yet: forward() writes them
+        kv[:, tables[r, p // bs], p % bs] = 0
+    nd = len(decode_lens)
+    starts = [nd + sum(n for _, n in chunks[:j]) for j in range(len(chunks))]
+    meta = AttentionMetadata(
+        block_size=bs, slot_mapping=slots, num_decodes=nd, decode_block_tables=tables[:nd].contiguous(),
+        decode_seq_lens=torch.tensor(decode_lens), prefill_query_starts=starts,
+        prefill_query_lens=[n for _, n in chunks], prefill_context_lens=[c for c, _ in chunks],
+        prefill_block_tables=[tables[nd + j, :-(-(c + n) // bs)] for j, (c, n) in enumerate(chunks)],
+        backend=be)
+    spec = AttentionSpec(hq, hkv, d, d ** -0.5, window)
+    out = be.forward(spec, q, k, v, kv, meta)
+    assert meta.cache[("cascade", window)] is not None
+    for row, (r, p) in enumerate(rows):
+        keys, values = contexts[r]
+        ref = _reference(q[row], keys[:p + 1], values[:p + 1], spec.scale, window)
+        torch.testing.assert_close(out[row].float(), ref, atol=2e-2, rtol=2e-2)

@@ -58,3 +58,43 @@ def test_kv_pool_is_advised_and_zero(monkeypatch):
     caches = allocate_kv_caches(3, 64, 16, 1, 256, torch.bfloat16, torch.device("cpu"))
     assert advised == [c.data_ptr() for c in caches]
     assert all(c.shape == (2, 64, 16, 1, 256) and not c.any() for c in caches)
+
+
+def _rss_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@glibc
+def test_kv_prefaulter_maps_the_pool_in_and_keeps_its_contents(monkeypatch):
+    """The prefault thread makes the calloc'd pool resident without writing to it: KV written
+    before and while it runs stays as written, never-written slots stay zero."""
+    monkeypatch.delenv("HERON_NO_KV_PREFAULT", raising=False)
+    caches = allocate_kv_caches(4, 512, 16, 1, 256, torch.bfloat16, torch.device("cpu"))   # 4 x 16 MiB
+    pool_kib = sum(c.numel() * c.element_size() for c in caches) // 1024
+    caches[2][1, 300].fill_(1.5)
+    rss0 = _rss_kib()
+    pf = cpu_memory.KVPrefaulter(caches, chunk_blocks=64)
+    caches[0][0, 7].fill_(-2.0)
+    assert pf.wait(timeout=60)
+    if pf.bytes_done == 0:
+        pytest.skip("madvise(MADV_POPULATE_WRITE) is refused by this kernel (Linux < 5.14)")
+    assert pf.bytes_done >= sum(c.numel() * c.element_size() for c in caches) - 4 * 2 * 4096
+    assert _rss_kib() - rss0 > 0.8 * pool_kib
+    assert bool((caches[2][1, 300] == 1.5).all()) and bool((caches[0][0, 7] == -2.0).all())
+    caches[2][1, 300].zero_()
+    caches[0][0, 7].zero_()
+    assert not any(bool(c.any()) for c in caches)
+
+
+def test_kv_prefaulter_can_be_turned_off_and_stopped(monkeypatch):
+    caches = allocate_kv_caches(2, 64, 16, 1, 256, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setenv("HERON_NO_KV_PREFAULT", "1")
+    off = cpu_memory.KVPrefaulter(caches)
+    assert off.done.is_set() and off.bytes_done == 0
+    monkeypatch.delenv("HERON_NO_KV_PREFAULT")
+    pf = cpu_memory.KVPrefaulter(caches)
+    pf.stop()                     # joins the thread, early or after the last range
+    assert not pf._thread.is_alive() and pf.done.is_set()

@@ -155,11 +155,21 @@ inline void prefetch_block(const T* k, int64_t v_offset, int64_t n, int64_t row_
 // G (query heads per KV head) is a compile-time constant so that the per-head accumulators
 // live in registers; two keys at a time in q.k and two 16-wide chunks of D at a time in p.v
 // give the FMA units independent dependency chains.
+// Optional outputs for a part of the keys (cascade attention, heron/runner/attention/cpu_backend.py):
+// row b attends to keys [max(window start, starts[b]), seq_len) only; its output goes to out_f32
+// (float32, not normalised to bf16) and its log-sum-exp of the scaled scores to lse [B, Hq], so
+// that the caller can merge it with the other part of the keys.
+struct PartOut {
+  const int64_t* starts = nullptr;
+  float* out_f32 = nullptr;
+  float* lse = nullptr;
+};
+
 template <int G, bool kBf16Dot>
 void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, const int64_t* block_tables,
                                const int64_t* seq_lens, c10::BFloat16* out, int64_t B, int64_t Hq, int64_t Hkv,
                                int64_t D, int64_t num_blocks, int64_t bs, int64_t max_blocks, int64_t window,
-                               float scale) {
+                               float scale, PartOut part = PartOut()) {
   const int64_t v_offset = num_blocks * bs * Hkv * D;
   const int64_t row_stride = Hkv * D;  // between consecutive tokens of one block
   const int64_t bs_pad = (bs + 15) / 16 * 16 + 16;
@@ -169,7 +179,8 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t seq_len = seq_lens[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      if (part.starts) start = std::max(start, part.starts[b]);
       const c10::BFloat16* qbase = q + (b * Hq + h * G) * D;  // G consecutive query rows
       for (int g = 0; g < G; ++g) {
         if (!kBf16Dot)
@@ -182,6 +193,7 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, 
       for (int64_t blk = start / bs; blk * bs < seq_len; ++blk) {
         const int64_t t0 = std::max(blk * bs, start), t1 = std::min((blk + 1) * bs, seq_len);
         const int64_t n = t1 - t0;
+        if (n <= 0) break;   // a part starting at or after seq_len: no key
         const c10::BFloat16* kbase = kv + ((table[blk] * bs + (t0 - blk * bs)) * Hkv + h) * D;
         const c10::BFloat16* vbase = kbase + v_offset;
         if ((blk + 1) * bs < seq_len) prefetch_block(kv + (table[blk + 1] * bs * Hkv + h) * D, v_offset,
@@ -283,9 +295,16 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, 
         }
       }
       for (int g = 0; g < G; ++g) {
-        const float inv = 1.f / l[g];
-        c10::BFloat16* o = out + (b * Hq + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<c10::BFloat16>(acc[g * D + d] * inv);
+        const int64_t row = b * Hq + h * G + g;
+        if (part.lse) part.lse[row] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;   // no key in range (a part): zeros
+        if (part.out_f32) {
+          float* o = part.out_f32 + row * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
+        } else {
+          c10::BFloat16* o = out + row * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<c10::BFloat16>(acc[g * D + d] * inv);
+        }
       }
     }
   });
@@ -295,12 +314,13 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, 
 template <bool kBf16Dot>
 bool dispatch_bf16_avx512(int64_t G, const c10::BFloat16* q, const c10::BFloat16* kv, const int64_t* tables,
                           const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                          int64_t N, int64_t bs, int64_t mb, int64_t window, float scale) {
+                          int64_t N, int64_t bs, int64_t mb, int64_t window, float scale,
+                          PartOut part = PartOut()) {
   switch (G) {
-    case 1: decode_kernel_bf16_avx512<1, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
-    case 2: decode_kernel_bf16_avx512<2, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
-    case 4: decode_kernel_bf16_avx512<4, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
-    case 8: decode_kernel_bf16_avx512<8, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale); return true;
+    case 1: decode_kernel_bf16_avx512<1, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale, part); return true;
+    case 2: decode_kernel_bf16_avx512<2, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale, part); return true;
+    case 4: decode_kernel_bf16_avx512<4, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale, part); return true;
+    case 8: decode_kernel_bf16_avx512<8, kBf16Dot>(q, kv, tables, lens, out, B, Hq, Hkv, D, N, bs, mb, window, scale, part); return true;
     default: return false;
   }
 }
@@ -1141,6 +1161,88 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
                             max_blocks, window, static_cast<float>(scale));
   });
   return out;
+}
+
+// One part of the keys for bf16 decode rows (cascade attention): row b attends to keys
+// [max(window start, starts[b]), seq_lens[b]) of its block table. Returns the float32 output
+// [B, Hq, D] and the log-sum-exp of the scaled scores [B, Hq] (-inf and zeros for an empty range),
+// for the caller to merge with the attention over the other keys. Needs AVX-512 (see
+// paged_part_supported), bf16 q and cache, D % 16 == 0, and Hq / Hkv in {1, 2, 4, 8}.
+std::vector<torch::Tensor> paged_part(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
+                                      torch::Tensor seq_lens, torch::Tensor starts, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5, "q [B,Hq,D], kv_cache [2,N,bs,Hkv,D]");
+  TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && block_tables.is_contiguous() &&
+              seq_lens.is_contiguous() && starts.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
+              starts.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16, "bf16 q and cache");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t N = kv_cache.size(1), bs = kv_cache.size(2), Hkv = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D && Hq % Hkv == 0 && D % 16 == 0, "head shapes do not match");
+  TORCH_CHECK(starts.numel() == B && seq_lens.numel() == B && block_tables.size(0) == B, "one start per row");
+  auto out = torch::empty({B, Hq, D}, torch::kFloat);
+  auto lse = torch::empty({B, Hq}, torch::kFloat);
+  PartOut part;
+  part.starts = starts.data_ptr<int64_t>();
+  part.out_f32 = out.data_ptr<float>();
+  part.lse = lse.data_ptr<float>();
+  bool done = false;
+#if defined(__AVX512F__)
+  const auto* qp = q.data_ptr<c10::BFloat16>();
+  const auto* kvp = kv_cache.data_ptr<c10::BFloat16>();
+  const int64_t mb = block_tables.size(1);
+  const float sc = static_cast<float>(scale);
+#if defined(__AVX512BF16__)
+  if (D % 32 == 0)
+    done = dispatch_bf16_avx512<true>(Hq / Hkv, qp, kvp, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                                      nullptr, B, Hq, Hkv, D, N, bs, mb, window, sc, part);
+#endif
+  if (!done)
+    done = dispatch_bf16_avx512<false>(Hq / Hkv, qp, kvp, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                                       nullptr, B, Hq, Hkv, D, N, bs, mb, window, sc, part);
+#endif
+  TORCH_CHECK(done, "paged_part: unsupported shapes or CPU (see paged_part_supported)");
+  return {out, lse};
+}
+
+// Cascade merge, in place: rows[i]'s float32 output out[rows[i]] (attention over one part of its
+// keys, log-sum-exp lse[rows[i]]) becomes the attention over both parts, with o1[i] / lse1[i]
+// the other part's (bf16 output): out = (o1 e^(lse1 - m) + out e^(lse - m)) / (e^(lse1 - m) + e^(lse - m)),
+// m the larger log-sum-exp. out [B, Hq, D] f32, lse [B, Hq] f32, o1 [r, Hq, D] bf16, lse1 [r, Hq] f32.
+void merge_part(torch::Tensor out, torch::Tensor lse, torch::Tensor rows, torch::Tensor o1, torch::Tensor lse1) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && lse1.scalar_type() == at::kFloat &&
+              o1.scalar_type() == at::kBFloat16 && rows.scalar_type() == at::kLong, "merge_part: dtypes");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && rows.is_contiguous() && o1.is_contiguous() &&
+              lse1.is_contiguous(), "merge_part: contiguous inputs");
+  const int64_t B = out.size(0), Hq = out.size(1), D = out.size(2), R = rows.numel();
+  TORCH_CHECK(o1.numel() == R * Hq * D && lse1.numel() == R * Hq && lse.numel() == B * Hq, "merge_part: shapes");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < B, "merge_part: row out of range");
+  float* op = out.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  const float* l1p = lse1.data_ptr<float>();
+  const c10::BFloat16* o1p = o1.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, R * Hq, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / Hq, h = item % Hq, b = rp[i];
+      const float l1 = l1p[item], l2 = lp[b * Hq + h];
+      const float m = std::max(l1, l2);
+      if (m == -std::numeric_limits<float>::infinity()) continue;   // neither part has a key
+      const float w1 = std::exp(l1 - m), w2 = std::exp(l2 - m), inv = 1.f / (w1 + w2);
+      const float a = w1 * inv, c = w2 * inv;
+      float* o = op + (b * Hq + h) * D;
+      const c10::BFloat16* x = o1p + item * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(x[d]) * a + o[d] * c;
+    }
+  });
+}
+
+bool paged_part_supported() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 torch::Tensor argmax_rows(torch::Tensor logits) {

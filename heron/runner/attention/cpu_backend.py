@@ -4,9 +4,14 @@ continue a cached context: a chunk's token at position p is a row that attends t
 p + 1 cached tokens (within the sliding window), so one kernel call per layer serves all of
 them. Against one masked SDPA per chunk this is 2-4.5x faster here (a 32-token suffix of a
 1,024-token cached prefix; the kernel skips keys outside a sliding window, SDPA only masks
-them). A first chunk (no context, no longer than the window) attends only to its own fresh
-keys, a causal GEMM-shaped problem where SDPA's is_causal path is 3-6x faster than rows of the
-kernel (128-512 tokens), so those chunks take it (their K/V are written to their slots first).
+them). A first chunk (no context) attends only to its own fresh keys, a causal GEMM-shaped
+problem where SDPA's is_causal path is 3-6x faster than rows of the kernel (128-512 tokens), so
+those chunks take it (their K/V are written to their slots first); one longer than a sliding
+window takes SDPA with a causal window mask (1,057 tokens, window 512: ~5 ms a layer against
+~19 ms as kernel rows).
+Rows that share a long run of cached blocks (requests that hit the same prefix in the prefix
+cache) take cascade attention: the shared keys once for all of them as one GEMM-shaped flash
+attention, the rest of each row's keys in the kernel, merged by log-sum-exp (_rows).
 Token trees, other dtypes and 8-bit caches keep the torch backend's prefill. With an 8-bit
 cache (`--kv-cache-dtype int8|fp8`) decode-only steps go through the kernel, which quantizes
 the step's K/V into their slots and reads the codes and scales directly, dequantizing in
@@ -39,10 +44,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if spec.logit_softcap is None and q.device.type == "cpu":
             if meta.num_prefills == 0:
                 # decode-only step: the kernel writes this step's keys/values into their slots
-                # and attends, one call per layer
-                return self.kernel.paged_decode(q.contiguous(), kv_cache, meta.decode_block_tables,
-                                                meta.decode_seq_lens, spec.sliding_window or 0, spec.scale, k, v,
-                                                meta.slot_mapping)
+                # and attends, one call per layer (rows sharing a long cached prefix: cascade)
+                return self._rows(spec, q.contiguous(), kv_cache, meta, meta.decode_block_tables,
+                                  meta.decode_seq_lens, (k, v))
             if (q.dtype == torch.bfloat16 and kv_cache.dtype == torch.bfloat16
                     and not any(t is not None for t in meta.prefill_trees)):
                 return self._mixed(spec, q, k, v, kv_cache, meta)
@@ -52,19 +56,114 @@ class CpuAttentionBackend(TorchAttentionBackend):
                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """A step with prefill chunks, bf16: first chunks by causal SDPA, the rest as kernel rows."""
         first, rows, row_tables, row_lens = self._mixed_plan(meta, spec.sliding_window)
-        window = spec.sliding_window or 0
         if not first:
-            return self.kernel.paged_decode(q.contiguous(), kv_cache, row_tables, row_lens, window, spec.scale,
-                                            k, v, meta.slot_mapping)
+            return self._rows(spec, q.contiguous(), kv_cache, meta, row_tables, row_lens, (k, v))
         self._write(spec, k, v, kv_cache, meta)   # every K/V into its slot first (the kernel then only reads)
         out = torch.empty_like(q)
-        for i in first:   # the torch backend's causal SDPA over the chunk's own keys (no context)
+        for i in first:   # the torch backend's SDPA over the chunk's own keys (no context; causal, windowed)
             s, n = meta.prefill_query_starts[i], meta.prefill_query_lens[i]
             out[s:s + n] = self._prefill(spec, i, q[s:s + n], k[s:s + n], v[s:s + n], kv_cache, meta)
         if rows is not None:
-            out[rows] = self.kernel.paged_decode(q[rows], kv_cache, row_tables, row_lens, window, spec.scale,
-                                                 None, None, None)
+            out[rows] = self._rows(spec, q[rows], kv_cache, meta, row_tables, row_lens)
         return out
+
+    # ---- cascade attention over shared prefixes -------------------------------------------
+    # Rows whose block tables begin with the same cached blocks (requests that hit the same
+    # prefix in the prefix cache, the samples of an n > 1 request) read those keys once, as one
+    # GEMM-shaped attention for all of them (torch's flash attention for CPU, which also returns
+    # the log-sum-exp); the kernel then attends each row to the rest of its keys, and the two
+    # parts are merged by their log-sum-exps (as in FlashInfer's cascade attention / Hydragen).
+    # 62 prompts' 33 own tokens each on a 1,024-token shared prefix: 32-65 ms -> ~7-9 ms a layer
+    # as kernel rows; 64 decode rows there: 1.1-2.1 -> 0.8-1.3 ms a layer (docs/benchmarks.md).
+    CASCADE_MIN_ROWS = 4          # rows (query tokens) sharing the prefix
+    CASCADE_MIN_TOKENS = 128      # shared tokens
+
+    def _cascade_ok(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        return (q.dtype == torch.bfloat16 and kv_cache.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
+                and q.shape[1] // kv_cache.shape[3] in (1, 2, 4, 8) and bool(self.kernel.paged_part_supported()))
+
+    def _cascade_plan(self, meta: AttentionMetadata, spec: AttentionSpec, tables: torch.Tensor,
+                      seq_lens: torch.Tensor):
+        """Per step and window: groups of rows sharing at least CASCADE_MIN_TOKENS of whole cached
+        blocks that every one of them attends to (within its window), or None. Each group is
+        (row indices, K/V gather index [L], first shared key, shared length Lp, mask or None).
+        A step has one set of kernel rows (decodes, or the tokens that are not first chunks)."""
+        key = ("cascade", spec.sliding_window)
+        if key in meta.cache:
+            return meta.cache[key]
+        plan = None
+        bs, window = meta.block_size, spec.sliding_window
+        n = tables.shape[0]
+        if n >= self.CASCADE_MIN_ROWS and tables.shape[1] * bs >= self.CASCADE_MIN_TOKENS:
+            groups = []
+            starts = torch.zeros(n, dtype=torch.long)
+            for head in torch.unique(tables[:, 0]).tolist():
+                rows = (tables[:, 0] == head).nonzero().flatten()
+                if rows.numel() < self.CASCADE_MIN_ROWS:
+                    continue
+                t = tables[rows]
+                same = (t == t[:1]).all(0)
+                shared = int(same.numel() if bool(same.all()) else int((~same).nonzero()[0]))
+                lens = seq_lens[rows]
+                # every row's own position lies after the shared blocks
+                shared = min(shared, (int(lens.min()) - 1) // bs)
+                lp = shared * bs
+                if lp < self.CASCADE_MIN_TOKENS:
+                    continue
+                first = (lens - window).clamp(min=0) if window is not None else torch.zeros_like(lens)
+                sees = first < lp            # rows whose window reaches into the shared keys
+                rows, first = rows[sees], first[sees]
+                if rows.numel() < self.CASCADE_MIN_ROWS:
+                    continue
+                lo = int(first.min())
+                if lp - lo < self.CASCADE_MIN_TOKENS // 2:
+                    continue
+                blocks = tables[rows[0], :shared]
+                index = (blocks[:, None] * bs + torch.arange(bs)).flatten()[lo:]
+                mask = None
+                if bool((first > lo).any()):
+                    # keys before a row's window start are masked, for each of its query heads
+                    g = spec.num_heads // spec.num_kv_heads
+                    k_pos = torch.arange(lo, lp)[None, :]
+                    hidden = (k_pos < first[:, None]).repeat_interleave(g, dim=0)
+                    mask = torch.zeros(hidden.shape, dtype=torch.bfloat16).masked_fill_(hidden, float("-inf"))
+                starts[rows] = lp
+                groups.append((rows, index, lo, lp, mask))
+            if groups:
+                plan = (groups, starts)
+        meta.cache[key] = plan
+        return plan
+
+    def _rows(self, spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+              tables: torch.Tensor, seq_lens: torch.Tensor, write: tuple | None = None) -> torch.Tensor:
+        """Decode rows q [R, Hq, D] over the cache: the kernel, with cascade attention for rows
+        that share a long cached prefix. `write` = (k, v): the step's K/V still to be written
+        (all of the step's rows are then these rows)."""
+        window = spec.sliding_window or 0
+        plan = self._cascade_plan(meta, spec, tables, seq_lens) if self._cascade_ok(q, kv_cache) else None
+        if plan is None:
+            k, v, slots = (*write, meta.slot_mapping) if write is not None else (None, None, None)
+            return self.kernel.paged_decode(q, kv_cache, tables, seq_lens, window, spec.scale, k, v, slots)
+        if write is not None:
+            self._write(spec, *write, kv_cache, meta)
+        groups, starts = plan
+        out, lse = self.kernel.paged_part(q, kv_cache, tables, seq_lens, starts, window, spec.scale)
+        hkv, d = spec.num_kv_heads, spec.head_dim
+        g = spec.num_heads // hkv
+        flat_k = kv_cache[0].view(-1, hkv, d)
+        flat_v = kv_cache[1].view(-1, hkv, d)
+        for rows, index, lo, lp, mask in groups:
+            r = rows.numel()
+            # the rows' query heads of one KV head as one sequence: [1, Hkv, R * G, D]
+            qg = q[rows].view(r, hkv, g, d).transpose(0, 1).reshape(1, hkv, r * g, d)
+            kg = flat_k[index].transpose(0, 1)[None]
+            vg = flat_v[index].transpose(0, 1)[None]
+            o1, lse1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qg, kg, vg, attn_mask=mask, scale=spec.scale)[:2]
+            o1 = o1[0].view(hkv, r, g, d).transpose(0, 1).reshape(r, hkv * g, d)   # no copy when Hkv == 1
+            lse1 = lse1[0].view(hkv, r, g).transpose(0, 1).reshape(r, hkv * g)
+            self.kernel.merge_part(out, lse, rows, o1.contiguous(), lse1.contiguous())
+        return out.to(q.dtype)
 
     def _mixed_plan(self, meta: AttentionMetadata, window: int | None):
         """Per step and window, built once: the first chunks that take SDPA (no context, no
@@ -73,7 +172,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         key = ("mixed", window)
         if key not in meta.cache:
             first = [i for i, (ctx, qlen) in enumerate(zip(meta.prefill_context_lens, meta.prefill_query_lens))
-                     if ctx == 0 and qlen > 1 and (window is None or qlen <= window)]
+                     if ctx == 0 and qlen > 1]
             if not first:
                 meta.cache[key] = ([], None, *self._row_tables(meta))
                 return meta.cache[key]
