@@ -147,7 +147,7 @@ def _make_shared_case(dtype, hq, hkv, d, shared, seq_lens, bs=16, seed=3):
     return kv, torch.tensor([t + [0] * (width - len(t)) for t in tables]), contexts
 
 
-@pytest.mark.parametrize("hq,hkv,d,window", [(4, 1, 256, None), (4, 1, 256, 150), (4, 1, 64, 100), (4, 2, 32, 180),
+@pytest.mark.parametrize("hq,hkv,d,window", [(4, 1, 256, None), (4, 1, 256, 150), (4, 1, 64, 100), (4, 2, 32, 180), (4, 2, 16, None),
                                              (8, 8, 64, None)])
 def test_cascade_decode_matches_reference(hq, hkv, d, window):
     """Decode rows sharing a 160-token cached prefix go through cascade attention (the shared
