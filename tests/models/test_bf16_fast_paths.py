@@ -52,7 +52,7 @@ def test_cascade_attention_on_shared_prefixes_matches_no_cache(arch, tmp_path, m
     make_tiny_model(arch, tmp_path / arch)
     g = torch.Generator().manual_seed(11)
     prefix = torch.randint(3, VOCAB, (160,), generator=g).tolist()
-    prompts = [prefix + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 30, 9, 22, 3)]
+    prompts = [prefix + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 30, 9, 22, 3, 12, 8, 26, 14)]
     used = []
     plan = cpu_backend.CpuAttentionBackend._cascade_plan
 

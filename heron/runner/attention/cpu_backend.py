@@ -75,7 +75,11 @@ class CpuAttentionBackend(TorchAttentionBackend):
     # parts are merged by their log-sum-exps (as in FlashInfer's cascade attention / Hydragen).
     # 62 prompts' 33 own tokens each on a 1,024-token shared prefix: 32-65 ms -> ~7-9 ms a layer
     # as kernel rows; 64 decode rows there: 1.1-2.1 -> 0.8-1.3 ms a layer (docs/benchmarks.md).
-    CASCADE_MIN_ROWS = 4          # rows (query tokens) sharing the prefix
+    # Only for groups of at least 8 requests (distinct block tables): a request's result then
+    # depends on the batch (where its keys are split), as with any batched GEMM; speculation
+    # (at most --speculative-max-batch = 4 decoding requests) and n <= 7 samples keep the
+    # kernel's per-row results, bit-identical whatever else runs, which speculation relies on.
+    CASCADE_MIN_REQUESTS = 8
     CASCADE_MIN_TOKENS = 128      # shared tokens
 
     def _cascade_ok(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -94,12 +98,12 @@ class CpuAttentionBackend(TorchAttentionBackend):
         plan = None
         bs, window = meta.block_size, spec.sliding_window
         n = tables.shape[0]
-        if n >= self.CASCADE_MIN_ROWS and tables.shape[1] * bs >= self.CASCADE_MIN_TOKENS:
+        if n >= self.CASCADE_MIN_REQUESTS and tables.shape[1] * bs >= self.CASCADE_MIN_TOKENS:
             groups = []
             starts = torch.zeros(n, dtype=torch.long)
             for head in torch.unique(tables[:, 0]).tolist():
                 rows = (tables[:, 0] == head).nonzero().flatten()
-                if rows.numel() < self.CASCADE_MIN_ROWS:
+                if rows.numel() < self.CASCADE_MIN_REQUESTS:
                     continue
                 t = tables[rows]
                 same = (t == t[:1]).all(0)
@@ -113,7 +117,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
                 first = (lens - window).clamp(min=0) if window is not None else torch.zeros_like(lens)
                 sees = first < lp            # rows whose window reaches into the shared keys
                 rows, first = rows[sees], first[sees]
-                if rows.numel() < self.CASCADE_MIN_ROWS:
+                if rows.numel() < self.CASCADE_MIN_REQUESTS or \
+                        torch.unique(tables[rows], dim=0).shape[0] < self.CASCADE_MIN_REQUESTS:
                     continue
                 lo = int(first.min())
                 if lp - lo < self.CASCADE_MIN_TOKENS // 2:
@@ -166,8 +171,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return out.to(q.dtype)
 
     def _mixed_plan(self, meta: AttentionMetadata, window: int | None):
-        """Per step and window, built once: the first chunks that take SDPA (no context, no
-        longer than the window) and the other tokens as kernel rows: their indices (None when
+        """Per step and window, built once: the first chunks that take SDPA (no context) and
+        the other tokens as kernel rows: their indices (None when
         every row is taken; all rows when no chunk is), block tables and attended lengths."""
         key = ("mixed", window)
         if key not in meta.cache:
