@@ -8,7 +8,7 @@ import sys
 import time
 
 from heron.bench.throughput import _peak_rss_mib, save_result
-from heron.bench.workloads import make_prompts
+from heron.bench.workloads import make_prompts, wait_for_kv_pool
 
 
 def run_latency(args, engine_kwargs: dict) -> dict:
@@ -35,6 +35,7 @@ def run_latency(args, engine_kwargs: dict) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=out_len, min_tokens=out_len, ignore_eos=True)
     for _ in range(args.warmup_iters):
         llm.generate([prompt[:32]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    wait_for_kv_pool(llm)
 
     runs = []
     for i in range(args.iters):

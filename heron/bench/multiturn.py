@@ -63,6 +63,7 @@ def replay(llm, args, bos: int | None) -> dict:
 
 def run_multiturn(args, engine_kwargs: dict) -> dict:
     from heron import LLM
+    from heron.bench.workloads import wait_for_kv_pool
     from heron.bench.throughput import save_result
 
     if args.turns < 2:
@@ -79,6 +80,7 @@ def run_multiturn(args, engine_kwargs: dict) -> dict:
         if not args.quiet:
             print(f"prefix caching {'on' if on else 'off'}:", file=sys.stderr)
         llm = LLM(model=args.model, **kwargs)
+        wait_for_kv_pool(llm)
         r = replay(llm, args, llm.tokenizer.bos_token_id)
         llm.engine.shutdown()
         result["cache_on" if on else "cache_off"] = r

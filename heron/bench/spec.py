@@ -49,6 +49,7 @@ def _prompt(llm, task: str):
 
 def run_spec_bench(args, engine_kwargs: dict) -> dict:
     from heron import LLM, SamplingParams
+    from heron.bench.workloads import wait_for_kv_pool
 
     if args.iters < 1:
         raise ValueError(f"--iters must be at least 1, got {args.iters}")
@@ -62,6 +63,7 @@ def run_spec_bench(args, engine_kwargs: dict) -> dict:
     spec = eng.spec
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True)
     llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)   # warm-up
+    wait_for_kv_pool(llm)
 
     result = dict(engine="heron", bench="spec", speculative=eng.config.speculative,
                   num_speculative_tokens=eng.config.num_speculative_tokens,

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from heron.bench.workloads import make_prompts
+from heron.bench.workloads import make_prompts, wait_for_kv_pool
 
 
 def _peak_rss_mib() -> float:
@@ -29,10 +29,7 @@ def run_throughput(args, engine_kwargs: dict) -> dict:
         llm.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                      use_tqdm=False)
         llm.engine.reset_prefix_cache()   # the timed run starts with an empty prefix cache
-        prefault = llm.engine.runner.kv_prefault
-        if prefault is not None:
-            # the KV pool's pages mapped in, as vLLM's are when it starts (it zero-fills its pool)
-            prefault.wait(timeout=120)
+        wait_for_kv_pool(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     secs = time.perf_counter() - t0

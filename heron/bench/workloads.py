@@ -26,3 +26,12 @@ def make_prompts(name: str, n: int | None = None) -> tuple[list[list[int]], int]
         length = rng.randint(w["in_lo"], w["in_hi"])
         prompts.append(prefix + [rng.randrange(1000, 200000) for _ in range(length)])
     return prompts, w["out_len"]
+
+
+def wait_for_kv_pool(llm, timeout: float = 120.0) -> None:
+    """Before timing: wait until the engine's KV pool is mapped in (heron.ops.cpu_memory.
+    KVPrefaulter, a background thread after start-up on CPU), so that neither its page faults
+    nor the thread's memory traffic land in a timed run. vLLM zero-fills its pool at start-up."""
+    prefault = getattr(llm.engine.runner, "kv_prefault", None)
+    if prefault is not None:
+        prefault.wait(timeout=timeout)

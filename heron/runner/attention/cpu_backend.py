@@ -101,10 +101,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if n >= self.CASCADE_MIN_REQUESTS and tables.shape[1] * bs >= self.CASCADE_MIN_TOKENS:
             groups = []
             starts = torch.zeros(n, dtype=torch.long)
-            for head in torch.unique(tables[:, 0]).tolist():
+            heads, counts = torch.unique(tables[:, 0], return_counts=True)
+            for head in heads[counts >= self.CASCADE_MIN_REQUESTS].tolist():
                 rows = (tables[:, 0] == head).nonzero().flatten()
-                if rows.numel() < self.CASCADE_MIN_REQUESTS:
-                    continue
                 t = tables[rows]
                 same = (t == t[:1]).all(0)
                 shared = int(same.numel() if bool(same.all()) else int((~same).nonzero()[0]))
