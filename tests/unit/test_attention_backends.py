@@ -23,16 +23,21 @@ def _reference(q, keys, values, scale, window):
     return torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v)
 
 
-def _make_case(dtype, hq, hkv, d, window, seq_lens, bs=16, seed=0):
+def _make_case(dtype, hq, hkv, d, window, seq_lens, bs=16, seed=0, shared=0):
+    """Requests' K/V written into scattered blocks; with `shared` (whole blocks) every request's
+    first `shared` tokens are the same physical blocks, as after prefix-cache hits."""
     g = torch.Generator().manual_seed(seed)
-    num_blocks = 1 + sum(-(-n // bs) for n in seq_lens) + 3
+    num_blocks = 1 + shared // bs + sum(-(-(n - shared) // bs) for n in seq_lens) + 3
     kv = torch.zeros(2, num_blocks, bs, hkv, d, dtype=dtype)
     free = list(torch.randperm(num_blocks - 1, generator=g).add(1).tolist())  # scattered blocks
+    common = [free.pop() for _ in range(shared // bs)]
+    prefix_k = torch.randn(shared, hkv, d, generator=g).to(dtype)
+    prefix_v = torch.randn(shared, hkv, d, generator=g).to(dtype)
     tables, contexts = [], []
     for n in seq_lens:
-        blocks = [free.pop() for _ in range(-(-n // bs))]
-        keys = torch.randn(n, hkv, d, generator=g).to(dtype)
-        values = torch.randn(n, hkv, d, generator=g).to(dtype)
+        blocks = common + [free.pop() for _ in range(-(-(n - shared) // bs))]
+        keys = torch.cat([prefix_k, torch.randn(n - shared, hkv, d, generator=g).to(dtype)])
+        values = torch.cat([prefix_v, torch.randn(n - shared, hkv, d, generator=g).to(dtype)])
         for p in range(n):
             kv[0, blocks[p // bs], p % bs] = keys[p]
             kv[1, blocks[p // bs], p % bs] = values[p]
@@ -100,13 +105,24 @@ def test_mixed_step_matches_reference(backend, dtype, tol, hq, hkv, d, window):
     chunks = [(0, 37), (20, 13), (33, 1), (50, 30)]  # prefill (cached context, new tokens)
     seq_lens = decode_lens + [c + n for c, n in chunks]
     kv, tables, _, contexts = _make_case(dtype, hq, hkv, d, window, seq_lens, bs=bs, seed=2)
+    _run_mixed_step(be, kv, tables, contexts, decode_lens, chunks, AttentionSpec(hq, hkv, d, d ** -0.5, window),
+                    dtype, tol)
+
+
+def _run_mixed_step(be, kv, tables, contexts, decode_lens, chunks, spec, dtype, tol, clear=False, bs=16):
+    """One forward() over decode rows and prefill chunks (context, new tokens); every token's
+    output against the reference over its own prefix. `clear`: the step's own K/V slots start
+    empty (forward() must write them). Returns the step's metadata."""
     g = torch.Generator().manual_seed(5)
     rows = [(i, n - 1) for i, n in enumerate(decode_lens)]
     rows += [(len(decode_lens) + j, c + t) for j, (c, n) in enumerate(chunks) for t in range(n)]
-    q = torch.randn(len(rows), hq, d, generator=g).to(dtype)
+    q = torch.randn(len(rows), spec.num_heads, spec.head_dim, generator=g).to(dtype)
     k = torch.stack([contexts[r][0][p] for r, p in rows])
     v = torch.stack([contexts[r][1][p] for r, p in rows])
     slots = torch.tensor([tables[r, p // bs] * bs + p % bs for r, p in rows])
+    if clear:
+        for r, p in rows:
+            kv[:, tables[r, p // bs], p % bs] = 0
     nd = len(decode_lens)
     starts = [nd + sum(n for _, n in chunks[:j]) for j in range(len(chunks))]
     meta = AttentionMetadata(
@@ -115,36 +131,17 @@ def test_mixed_step_matches_reference(backend, dtype, tol, hq, hkv, d, window):
         prefill_query_lens=[n for _, n in chunks], prefill_context_lens=[c for c, _ in chunks],
         prefill_block_tables=[tables[nd + j, :-(-(c + n) // bs)] for j, (c, n) in enumerate(chunks)],
         backend=be)
-    spec = AttentionSpec(hq, hkv, d, d ** -0.5, window)
     out = be.forward(spec, q, k, v, kv, meta)
     for row, (r, p) in enumerate(rows):
         keys, values = contexts[r]
-        ref = _reference(q[row], keys[:p + 1], values[:p + 1], spec.scale, window)
+        ref = _reference(q[row], keys[:p + 1], values[:p + 1], spec.scale, spec.sliding_window)
         torch.testing.assert_close(out[row].float(), ref, atol=tol, rtol=tol)
+    return meta
 
 
 def _make_shared_case(dtype, hq, hkv, d, shared, seq_lens, bs=16, seed=3):
-    """Requests whose first `shared` tokens (whole blocks) are the same physical blocks, as
-    after prefix-cache hits; each request's own tokens in blocks of its own."""
-    g = torch.Generator().manual_seed(seed)
-    num_blocks = 1 + shared // bs + sum(-(-(n - shared) // bs) for n in seq_lens) + 2
-    kv = torch.zeros(2, num_blocks, bs, hkv, d, dtype=dtype)
-    free = list(torch.randperm(num_blocks - 1, generator=g).add(1).tolist())
-    common = [free.pop() for _ in range(shared // bs)]
-    prefix_k = torch.randn(shared, hkv, d, generator=g).to(dtype)
-    prefix_v = torch.randn(shared, hkv, d, generator=g).to(dtype)
-    tables, contexts = [], []
-    for n in seq_lens:
-        blocks = common + [free.pop() for _ in range(-(-(n - shared) // bs))]
-        keys = torch.cat([prefix_k, torch.randn(n - shared, hkv, d, generator=g).to(dtype)])
-        values = torch.cat([prefix_v, torch.randn(n - shared, hkv, d, generator=g).to(dtype)])
-        for p in range(n):
-            kv[0, blocks[p // bs], p % bs] = keys[p]
-            kv[1, blocks[p // bs], p % bs] = values[p]
-        tables.append(blocks)
-        contexts.append((keys, values))
-    width = max(map(len, tables))
-    return kv, torch.tensor([t + [0] * (width - len(t)) for t in tables]), contexts
+    kv, tables, _, contexts = _make_case(dtype, hq, hkv, d, None, seq_lens, bs=bs, seed=seed, shared=shared)
+    return kv, tables, contexts
 
 
 @pytest.mark.parametrize("hq,hkv,d,window", [(4, 1, 256, None), (4, 1, 256, 150), (4, 1, 64, 100), (4, 2, 32, 180), (4, 2, 16, None),
@@ -194,27 +191,6 @@ def test_cascade_mixed_step_matches_reference(first_chunk, window):
         row = tables2[0] + base - 1
         tables[last] = torch.cat([row, torch.zeros(tables.shape[1] - row.numel(), dtype=torch.long)])
         contexts[last] = contexts2[0]
-    g = torch.Generator().manual_seed(5)
-    rows = [(i, n - 1) for i, n in enumerate(decode_lens)]
-    rows += [(len(decode_lens) + j, c + t) for j, (c, n) in enumerate(chunks) for t in range(n)]
-    q = torch.randn(len(rows), hq, d, generator=g).to(torch.bfloat16)
-    k = torch.stack([contexts[r][0][p] for r, p in rows])
-    v = torch.stack([contexts[r][1][p] for r, p in rows])
-    slots = torch.tensor([tables[r, p // bs] * bs + p % bs for r, p in rows])
-    for r, p in rows:   # the step's own K/V are not in the cache yet: forward() writes them
-        kv[:, tables[r, p // bs], p % bs] = 0
-    nd = len(decode_lens)
-    starts = [nd + sum(n for _, n in chunks[:j]) for j in range(len(chunks))]
-    meta = AttentionMetadata(
-        block_size=bs, slot_mapping=slots, num_decodes=nd, decode_block_tables=tables[:nd].contiguous(),
-        decode_seq_lens=torch.tensor(decode_lens), prefill_query_starts=starts,
-        prefill_query_lens=[n for _, n in chunks], prefill_context_lens=[c for c, _ in chunks],
-        prefill_block_tables=[tables[nd + j, :-(-(c + n) // bs)] for j, (c, n) in enumerate(chunks)],
-        backend=be)
-    spec = AttentionSpec(hq, hkv, d, d ** -0.5, window)
-    out = be.forward(spec, q, k, v, kv, meta)
+    meta = _run_mixed_step(be, kv, tables, contexts, decode_lens, chunks, AttentionSpec(hq, hkv, d, d ** -0.5, window),
+                           torch.bfloat16, 2e-2, clear=True, bs=bs)
     assert meta.cache[("cascade", window)] is not None
-    for row, (r, p) in enumerate(rows):
-        keys, values = contexts[r]
-        ref = _reference(q[row], keys[:p + 1], values[:p + 1], spec.scale, window)
-        torch.testing.assert_close(out[row].float(), ref, atol=2e-2, rtol=2e-2)
