@@ -75,19 +75,25 @@ def _resident_fraction(t: torch.Tensor) -> float:
 
 @glibc
 def test_kv_prefaulter_maps_the_pool_in_and_keeps_its_contents(monkeypatch):
-    """The prefault thread makes the calloc'd pool resident without writing to it: KV written
-    before and while it runs stays as written, never-written slots stay zero."""
+    """The prefault thread makes the pool resident without writing to it: KV written before
+    and while it runs stays as written, never-written slots stay zero."""
     monkeypatch.delenv("HERON_NO_KV_PREFAULT", raising=False)
-    # 2 x 64 MiB: above glibc's mmap threshold, so fresh pages (not reused heap) that only the
-    # prefault or a write makes resident
-    caches = allocate_kv_caches(2, 4096, 16, 1, 256, torch.bfloat16, torch.device("cpu"))
+    import ctypes
+    import mmap
+    probe = mmap.mmap(-1, 4096)
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(probe))
+    if libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(4096), cpu_memory.MADV_POPULATE_WRITE) != 0:
+        pytest.skip("madvise(MADV_POPULATE_WRITE) is refused by this kernel (Linux < 5.14): no prefault")
+    # caches on fresh anonymous mappings (a calloc'd pool can come from heap memory the process
+    # already holds, resident from the start), 2 x 16 MiB
+    maps = [mmap.mmap(-1, 2 * 1024 * 16 * 256 * 2) for _ in range(2)]
+    caches = [torch.frombuffer(m, dtype=torch.bfloat16).view(2, 1024, 16, 1, 256) for m in maps]
     caches[1][1, 300].fill_(1.5)
     assert _resident_fraction(caches[0]) < 0.5
-    pf = cpu_memory.KVPrefaulter(caches, chunk_blocks=512)
+    pf = cpu_memory.KVPrefaulter(caches, chunk_blocks=256)
     caches[0][0, 7].fill_(-2.0)
     assert pf.wait(timeout=60)
-    if pf.bytes_done == 0:
-        pytest.skip("madvise(MADV_POPULATE_WRITE) is refused by this kernel (Linux < 5.14)")
     assert pf.bytes_done >= sum(c.numel() * c.element_size() for c in caches) - 2 * 2 * 4096
     assert all(_resident_fraction(c) > 0.99 for c in caches)
     assert bool((caches[1][1, 300] == 1.5).all()) and bool((caches[0][0, 7] == -2.0).all())
