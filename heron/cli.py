@@ -1,5 +1,5 @@
 """heron's command line: `heron serve`, `heron generate`, `heron bench throughput|latency|multiturn|spec|serve|plot`,
-`heron eval perplexity`."""
+`heron eval perplexity|agreement`."""
 from __future__ import annotations
 
 import argparse
@@ -232,6 +232,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.eval_cmd == "agreement":
+        from heron.eval.agreement import run_agreement
+        run_agreement(args, engine_kwargs(args))
+        return 0
     from heron.eval.perplexity import run_perplexity
     run_perplexity(args, engine_kwargs(args))
     return 0
@@ -331,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serve_args(bs)
     bench.set_defaults(func=cmd_bench)
 
-    ev = sub.add_parser("eval", help="quality evaluations (perplexity)")
+    ev = sub.add_parser("eval", help="quality evaluations (perplexity, greedy agreement)")
     esub = ev.add_subparsers(dest="eval_cmd", required=True)
     ppl = esub.add_parser("perplexity", help="perplexity on a fixed English text; prints one JSON line",
                           description="Scores a text in windows of --context-len tokens (each a request with "
@@ -343,6 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
     ppl.add_argument("--output", default=None, help="also write the JSON line to this file")
     add_engine_args(ppl)
+    agr = esub.add_parser("agreement", help="greedy agreement with a reference on a fixed prompt set; one JSON line",
+                          description="Decodes 64 fixed prompts (32 W1 prompts cut to 64 tokens, 32 passages of "
+                                      "the shipped English text) greedily with the reference (the same model, no "
+                                      "quantization, --reference-dtype) and with the configuration the engine "
+                                      "options give, and reports how many agree on every token. Example: heron "
+                                      "eval agreement --quantization int8")
+    agr.add_argument("--tokens", type=int, default=16, help="greedy tokens per prompt (default: 16)")
+    agr.add_argument("--reference-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="the reference's dtype (default: auto, as --dtype; float32 with no --quantization "
+                          "measures bf16's own agreement)")
+    agr.add_argument("--output", default=None, help="also write the JSON line to this file")
+    agr.add_argument("--quiet", action="store_true", help="only the JSON line")
+    add_engine_args(agr)
     ev.set_defaults(func=cmd_eval)
 
     from heron.quant.cli import add_quantize_parser
