@@ -170,7 +170,8 @@ class KVPrefaulter:
                     return
                 self.bytes_done += length
         finally:
-            self._tensors = None
+            self._tensors = self._ranges = None   # the pool's memory is the engine's again
+            atexit.unregister(self.stop)
             self.done.set()
 
     def wait(self, timeout: float | None = None) -> bool:
