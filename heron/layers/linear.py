@@ -83,9 +83,17 @@ class LinearBase(nn.Module):
 
 
 def _can_pack() -> bool:
+    """oneDNN can re-lay bf16 weights out here: not disabled, built in, and a CPU with its bf16
+    path (AVX512-BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU the reorder raises)."""
     import os
-    return (os.environ.get("HERON_NO_PACKED_WEIGHTS", "") in ("", "0") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if os.environ.get("HERON_NO_PACKED_WEIGHTS", "") not in ("", "0") or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class ColumnParallelLinear(LinearBase):

@@ -11,7 +11,7 @@ import heron.ops.cpu as cpu_ops
 from heron import LLM, SamplingParams
 from tests.tiny_models import make_prompts, make_tiny_model
 
-pytestmark = pytest.mark.skipif(cpu_ops.load_kernel() is None, reason="no C++ compiler for heron's CPU kernels")
+pytestmark = pytest.mark.skipif(cpu_ops.load_kernel() is None, reason=f"heron's CPU kernels did not build: {cpu_ops.kernel_error()}")
 
 
 def _run(folder, prompts, fast: bool, monkeypatch):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from heron.ops.cpu import load_kernel
+from heron.ops.cpu import kernel_error, load_kernel
 from heron.runner.attention import AttentionMetadata, get_attention_backend
 from heron.runner.attention.base import AttentionSpec
 from heron.runner.kv_cache import (SCALE_BYTES, allocate_kv_caches, dequantize_kv_rows, kv_bytes_per_block,
@@ -94,7 +94,7 @@ def test_code_dtypes_and_sizes():
         allocate_kv_caches(1, 4, 16, 1, 30, torch.bfloat16, torch.device("cpu"), torch.int8)
 
 
-@pytest.mark.skipif(load_kernel() is None, reason="no C++ compiler for heron's CPU kernels")
+@pytest.mark.skipif(load_kernel() is None, reason=f"heron's CPU kernels did not build: {kernel_error()}")
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_writer_stores_the_torch_writers_bytes(name, dtype):
@@ -244,7 +244,7 @@ def test_step_with_decodes_and_prefill_chunks(backend, name, window):
         assert torch.equal(c2.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(s2, scales)
 
 
-@pytest.mark.skipif(load_kernel() is None, reason="no C++ compiler for heron's CPU kernels")
+@pytest.mark.skipif(load_kernel() is None, reason=f"heron's CPU kernels did not build: {kernel_error()}")
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 def test_cpu_decode_only_step_writes_and_attends(name):
     """The decode-only path (one C++ call: quantize this step's K/V into the slots, attend) gives
@@ -265,7 +265,7 @@ def test_cpu_decode_only_step_writes_and_attends(name):
     torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(load_kernel() is None, reason="no C++ compiler for heron's CPU kernels")
+@pytest.mark.skipif(load_kernel() is None, reason=f"heron's CPU kernels did not build: {kernel_error()}")
 def test_fp8_kernel_reads_every_code():
     """Every finite e4m3fn code (normals, subnormals, both zeros) through the kernel's in-register
     conversion: one key per code, one-hot queries pick each value out exactly."""

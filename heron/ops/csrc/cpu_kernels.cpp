@@ -45,10 +45,20 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return s;
 }
 
+// Optional outputs for a part of the keys (cascade attention, heron/runner/attention/cpu_backend.py):
+// row b attends to keys [max(window start, starts[b]), seq_len) only; its output goes to out_f32
+// (float32, not normalised to bf16) and its log-sum-exp of the scaled scores to lse [B, Hq], so
+// that the caller can merge it with the other part of the keys.
+struct PartOut {
+  const int64_t* starts = nullptr;
+  float* out_f32 = nullptr;
+  float* lse = nullptr;
+};
+
 template <typename T>
 void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const int64_t* seq_lens, T* out,
                    int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t num_blocks, int64_t bs,
-                   int64_t max_blocks, int64_t window, float scale) {
+                   int64_t max_blocks, int64_t window, float scale, PartOut part = PartOut()) {
   const int64_t G = Hq / Hkv;
   const int64_t v_offset = num_blocks * bs * Hkv * D;  // kv[1] starts here
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -56,7 +66,8 @@ void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const i
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t seq_len = seq_lens[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      if (part.starts) start = std::max(start, part.starts[b]);
       for (int64_t g = 0; g < G; ++g) {
         load_row(q + (b * Hq + h * G + g) * D, qf.data() + g * D, D);
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] *= scale;
@@ -98,13 +109,21 @@ void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const i
         }
       }
       for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / l[g];
-        T* o = out + (b * Hq + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+        const int64_t row = b * Hq + h * G + g;
+        if (part.lse) part.lse[row] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;   // no key in range (a part): zeros
+        if (part.out_f32) {
+          float* o = part.out_f32 + row * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
+        } else {
+          T* o = out + row * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+        }
       }
     }
   });
 }
+
 
 
 #if defined(__AVX512F__)
@@ -155,15 +174,6 @@ inline void prefetch_block(const T* k, int64_t v_offset, int64_t n, int64_t row_
 // G (query heads per KV head) is a compile-time constant so that the per-head accumulators
 // live in registers; two keys at a time in q.k and two 16-wide chunks of D at a time in p.v
 // give the FMA units independent dependency chains.
-// Optional outputs for a part of the keys (cascade attention, heron/runner/attention/cpu_backend.py):
-// row b attends to keys [max(window start, starts[b]), seq_len) only; its output goes to out_f32
-// (float32, not normalised to bf16) and its log-sum-exp of the scaled scores to lse [B, Hq], so
-// that the caller can merge it with the other part of the keys.
-struct PartOut {
-  const int64_t* starts = nullptr;
-  float* out_f32 = nullptr;
-  float* lse = nullptr;
-};
 
 template <int G, bool kBf16Dot>
 void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, const int64_t* block_tables,
@@ -1166,8 +1176,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
 // One part of the keys for bf16 decode rows (cascade attention): row b attends to keys
 // [max(window start, starts[b]), seq_lens[b]) of its block table. Returns the float32 output
 // [B, Hq, D] and the log-sum-exp of the scaled scores [B, Hq] (-inf and zeros for an empty range),
-// for the caller to merge with the attention over the other keys. Needs AVX-512 (see
-// paged_part_supported), bf16 q and cache, D % 16 == 0, and Hq / Hkv in {1, 2, 4, 8}.
+// for the caller to merge with the attention over the other keys. Needs bf16 q and cache and
+// D % 16 == 0; the AVX-512 kernel (Hq / Hkv in {1, 2, 4, 8}) where built, else the portable one.
 std::vector<torch::Tensor> paged_part(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
                                       torch::Tensor seq_lens, torch::Tensor starts, int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5, "q [B,Hq,D], kv_cache [2,N,bs,Hkv,D]");
@@ -1201,7 +1211,10 @@ std::vector<torch::Tensor> paged_part(torch::Tensor q, torch::Tensor kv_cache, t
     done = dispatch_bf16_avx512<false>(Hq / Hkv, qp, kvp, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                                        nullptr, B, Hq, Hkv, D, N, bs, mb, window, sc, part);
 #endif
-  TORCH_CHECK(done, "paged_part: unsupported shapes or CPU (see paged_part_supported)");
+  if (!done)   // the portable kernel (no AVX-512, or another group size): same semantics, scalar arithmetic
+    decode_kernel<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), kv_cache.data_ptr<c10::BFloat16>(),
+                                 block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), nullptr, B, Hq, Hkv, D,
+                                 N, bs, block_tables.size(1), window, static_cast<float>(scale), part);
   return {out, lse};
 }
 
@@ -1237,13 +1250,7 @@ void merge_part(torch::Tensor out, torch::Tensor lse, torch::Tensor rows, torch:
   });
 }
 
-bool paged_part_supported() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool paged_part_supported() { return true; }   // the AVX-512 kernel where built, else the portable one
 
 torch::Tensor argmax_rows(torch::Tensor logits) {
   TORCH_CHECK(logits.dim() == 2, "logits must be [R, V]");
