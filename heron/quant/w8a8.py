@@ -3,6 +3,7 @@ at run time (dynamic, symmetric), multiplied as integers (ZeroQuant / SmoothQuan
 smoothing step).
 
     x[m, :] ~ qx[m, :] * sx[m]             qx in [-127, 127], sx = absmax(x[m]) / 127
+                                           (7 bits, [-63, 63], on CPUs without VNNI: see ACT_QMAX)
     w[n, :] ~ qw[n, :] * sw[n]             qw in [-127, 127] (heron.quant.weight_only.quantize_int8)
     y[m, n] = sx[m] * sw[n] * sum_k qx[m, k] * qw[n, k]        (int32 accumulation)
 
@@ -25,7 +26,26 @@ import torch
 
 from heron.quant.weight_only import QuantizedWeight, quantize_int8
 
-_ZERO_POINT = 128
+
+
+def cpu_has_vnni() -> bool:
+    """True when the CPU multiplies u8 x s8 with int32 accumulation (AVX512-VNNI, AVX-VNNI or
+    AMX-INT8). Without it oneDNN falls back to VPMADDUBSW, which adds pairs of u8 x s8 products
+    in int16 and saturates once a pair exceeds 32,767 (255 x 127 x 2 does)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+# Activation codes: 8 bits where the CPU has VNNI; 7 bits elsewhere (qx in [-63, 63], shifted by
+# 64 into [1, 127]: a pair of products is at most 2 x 127 x 127 = 32,258, so VPMADDUBSW never
+# saturates). With 8 bits on an AVX2-only CPU oneDNN's result was 0.34% off the exact integer
+# product on average (measured on random data), with 7 bits it is exact.
+ACT_QMAX = 127 if cpu_has_vnni() else 63
+_ZERO_POINT = ACT_QMAX + 1
 
 
 def _onednn_available() -> bool:
@@ -33,18 +53,19 @@ def _onednn_available() -> bool:
             and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack"))
 
 
-def quantize_activations(x: torch.Tensor, offset: int = 0,
-                         smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, offset: int = 0, smooth: torch.Tensor | None = None,
+                         qmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8 of x [M, K] (divided by the per-channel `smooth` [K] first, in
-    float32): (codes [M, K] in [-127, 127] as int8, or shifted by `offset` = 128 into [1, 255]
-    as uint8; scales [M, 1] float32)."""
+    float32): (codes [M, K] in [-qmax, qmax] as int8, or shifted by `offset` (qmax + 1) into
+    [1, 2 qmax + 1] as uint8; scales [M, 1] float32). qmax defaults to ACT_QMAX."""
+    qmax = ACT_QMAX if qmax is None else qmax
     xf = x.float() if smooth is None else x.float().div_(smooth)
-    s = xf.abs().amax(dim=1, keepdim=True) / 127.0
+    s = xf.abs().amax(dim=1, keepdim=True) / float(qmax)
     s = torch.where(s > 0, s, torch.ones_like(s))
     q = xf.div_(s).round_()
     if offset:
-        return q.add_(offset).clamp_(offset - 127, offset + 127).to(torch.uint8), s
-    return q.clamp_(-127, 127).to(torch.int8), s
+        return q.add_(offset).clamp_(offset - qmax, offset + qmax).to(torch.uint8), s
+    return q.clamp_(-qmax, qmax).to(torch.int8), s
 
 
 class W8A8Weight:

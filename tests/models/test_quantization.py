@@ -125,8 +125,11 @@ def test_w8a8_layers_and_their_rule_per_batch_size(tiny):
         assert torch.equal(layer(x), want), rows
     diff = _prompt_logprob_diff(q, _llm(tiny, quantization="int8"))
     assert diff.max() > 0                            # the activations were quantized
-    # (logprobs around -12 on this random model; a wrong scale or zero point moves them by units)
-    assert diff.mean() < 0.1 and diff.max() < 0.4
+    # (logprobs around -12 on this random model; a wrong scale or zero point moves them by units;
+    # the bounds scale with the activation step, twice as coarse with 7-bit codes on CPUs without VNNI)
+    from heron.quant.w8a8 import ACT_QMAX
+    step = 127 / ACT_QMAX
+    assert diff.mean() < 0.1 * step and diff.max() < 0.4 * step
 
 
 def test_w8a8_smoothquant_calibrates_and_keeps_the_model(tiny):
@@ -154,7 +157,9 @@ def test_w8a8_smoothquant_calibrates_and_keeps_the_model(tiny):
     diff = _prompt_logprob_diff(q, _llm(tiny, quantization="int8"))
     # (this random model's channels are far less even than a trained one's, and smoothing costs
     # it accuracy: ~0.2 mean here vs ~0.05 unsmoothed; the real model gains, see the slow test)
-    assert diff.mean() < 0.5 and diff.max() < 1.5
+    from heron.quant.w8a8 import ACT_QMAX
+    step = 127 / ACT_QMAX           # 7-bit activation codes on CPUs without VNNI: twice the step
+    assert diff.mean() < 0.5 * step and diff.max() < 1.5 * step
     # a KV pool smaller than a calibration window: the windows shrink to fit
     small = _llm(tiny, quantization="w8a8", num_kv_blocks=12)
     assert small.engine.runner.quant_summary["calibration_tokens"] > 1000

@@ -16,9 +16,21 @@ def _reference(q: W8A8Weight, x: torch.Tensor) -> torch.Tensor:
 
 def test_activation_codes_are_per_token_and_symmetric():
     x = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [254.0, 1.0, -127.0]])
-    q, s = quantize_activations(x)
+    q, s = quantize_activations(x, qmax=127)
     assert s.flatten().tolist() == pytest.approx([1 / 127, 1.0, 2.0])
     assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 0, -64]]     # round half to even: 0.5 -> 0, -63.5 -> -64
+    x = torch.tensor([[0.4, -1.0, 0.2], [0.0, 0.0, 0.0], [252.0, 2.0, -126.0]])
+    q, s = quantize_activations(x, qmax=63)                             # 7 bits (CPUs without VNNI)
+    assert s.flatten().tolist() == pytest.approx([1 / 63, 1.0, 4.0])
+    assert q.tolist() == [[25, -63, 13], [0, 0, 0], [63, 0, -32]]       # 0.5 -> 0, -31.5 -> -32
+    u, _ = quantize_activations(x, offset=64, qmax=63)
+    assert u.dtype == torch.uint8 and u.tolist() == [[89, 1, 77], [64, 64, 64], [127, 64, 32]]
+
+
+def test_activation_bits_follow_the_cpu():
+    """8-bit activations only where u8 x s8 products accumulate in int32 (VNNI / AMX-INT8)."""
+    from heron.quant.w8a8 import ACT_QMAX, _ZERO_POINT, cpu_has_vnni
+    assert (ACT_QMAX, _ZERO_POINT) == ((127, 128) if cpu_has_vnni() else (63, 64))
 
 
 @pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
