@@ -36,7 +36,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "portable torch backend elsewhere or if the kernel cannot be built (default: auto)")
     g.add_argument("--quantization", default=None, choices=["int8", "int4", "w8a8", "gguf", "gptq", "awq"],
                    help="quantization of the linear layers and the LM head after loading (CPU): weight-only "
-                        "int8 per output channel, int4 group-wise round-to-nearest, w8a8 = int8 weights and "
+                        "int8 per output channel (or group-wise), int4 group-wise round-to-nearest, w8a8 = int8 weights and "
                         "per-token int8 activations (integer matmuls for large batches), gguf = keep a GGUF's own "
                         "quantized weights in the closest of those formats; gptq / awq: optional, a GPTQ / AWQ "
                         "checkpoint (config.json quantization_config) always loads quantized (default: none)")
@@ -44,8 +44,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="w8a8: SmoothQuant migration strength in [0, 1); activations are divided per input "
                         "channel by max|x|^a / max|w|^(1-a), calibrated at start-up on a 4,096-token text "
                         "(~10-20 s); 0 = no smoothing (default: 0.65)")
-    g.add_argument("--quantization-group-size", type=int, default=64,
-                   help="int4: input columns per scale/zero group, 32, 64, 128 or 256 (default: 64)")
+    g.add_argument("--quantization-group-size", type=int, default=None,
+                   help="int4: input columns per scale/zero group, 32, 64, 128 or 256 (default: 64); int8: "
+                        "one scale per this many input columns, 16, 32, 64, 128 or 256, instead of one per "
+                        "output channel (default)")
     g.add_argument("--quantization-lm-head", default="auto", choices=["auto", "int8", "int4"],
                    help="format of the LM head (and a tied embedding) under --quantization: auto = the method's "
                         "own (gguf: int8 for a Q8_0 head); int4 halves the single-stream decode time of the "

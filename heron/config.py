@@ -84,7 +84,7 @@ class EngineConfig:
     kv_offload_cpu_gib: float = 0.0           # CPU-memory tier capacity (for CUDA pools; 0 = off)
     kv_cache_dtype: str = "auto"              # auto (the model dtype) | int8 | fp8 (8-bit codes + a scale per token and head)
     quantization: str | None = None           # None | int8 | int4 | w8a8 | gguf | gptq | awq (applied after loading)
-    quantization_group_size: int = 64         # int4: input columns per scale/zero group
+    quantization_group_size: int | None = None  # int4: columns per scale/zero group (None: 64); int8: None = per channel, else group-wise
     smoothquant_alpha: float = 0.65           # w8a8: SmoothQuant migration strength (0 = no smoothing, no calibration)
     quantization_lm_head: str = "auto"        # auto | int8 | int4: the LM head's (and a tied embedding's) format
     speculative: str | None = None            # None | ngram | self-int4 | draft:MODEL (heron/spec)
@@ -149,6 +149,8 @@ class EngineConfig:
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
         if self.quantization in ("none", ""):
             self.quantization = None
+        if self.quantization_group_size is None and self.quantization != "int8":
+            self.quantization_group_size = 64      # int4's default (also a checkpoint's int4 LM head)
         from heron.quant.apply import check_quantization
         check_quantization(self.quantization, self.quantization_group_size, self.torch_device, self.model,
                            self.quantization_lm_head)

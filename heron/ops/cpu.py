@@ -54,7 +54,7 @@ def load_kernel():
                 logger.info("compiling heron's CPU kernels (one-off, ~30 s) in %s", build_dir)
             _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm", "act_and_mul", "rope", "gemv",
                                                                  "gemv_supported", "gemv_q8", "gemv_q4",
-                                                                 "gemv_q4_supported"],
+                                                                 "gemv_q4_supported", "gemv_q8g"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                   build_directory=str(build_dir), verbose=False)
         except Exception as e:  # no compiler, no ninja, unsupported platform ...

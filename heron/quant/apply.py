@@ -1,7 +1,8 @@
 """`--quantization`: swap the weights of a loaded model's linear layers (and its LM head) for
 quantized ones, as a transform after loading; the model files do not change.
 
-Weight-only methods (heron.quant.weight_only): `int8` (symmetric, per output channel) and
+Weight-only methods (heron.quant.weight_only): `int8` (symmetric, per output channel, or
+group-wise with `--quantization-group-size`: float32 sums in heron's gemv_q8g) and
 `int4` (asymmetric, group-wise along the input, round-to-nearest; `--quantization-group-size`,
 default 64). The layers keep only the packed weight, and run heron's GEMV kernels on it for few
 rows (gemv_q8 / gemv_q4, where built) or torch's packed CPU kernels (`_weight_int8pack_mm`,
@@ -34,7 +35,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-from heron.quant.weight_only import INT4_GROUP_SIZES, METHODS
+from heron.quant.weight_only import INT4_GROUP_SIZES, INT8_GROUP_SIZES, METHODS
 
 KERNEL_MAX_ROWS = 4          # linear layers: quantized kernel up to this many rows
 LM_HEAD_KERNEL_MAX_ROWS = 8  # the LM head (262k x 640 for Gemma 3): the kernel still wins at 8 rows
@@ -76,6 +77,9 @@ def check_quantization(method: str | None, group_size: int, device: torch.device
     if method == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; "
                          f"got {group_size}")
+    if method == "int8" and group_size is not None and group_size not in INT8_GROUP_SIZES:
+        raise ValueError(f"quantization_group_size for int8 must be one of {', '.join(map(str, INT8_GROUP_SIZES))} "
+                         f"(or unset: one scale per output channel); got {group_size}")
     if device.type != "cpu":
         raise ValueError(f"--quantization {method} runs torch's packed CPU kernels; use --device cpu")
     if method == "gguf":
@@ -119,7 +123,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=N
             from heron.quant.w8a8 import W8A8Weight
             qw = W8A8Weight.quantize(w, (smooth or {}).get(name))
         else:
-            qw = quantize(w, fmt, group_size if fmt == "int4" else None)
+            # int8's group size is None (per channel) unless one was given; an int8 LM head under
+            # another method stays per channel
+            qw = quantize(w, fmt, group_size if fmt == method or fmt == "int4" else None)
         before += w.numel() * w.element_size()
         after += qw.nbytes()
         tied = [e for e in embeddings if isinstance(module, ParallelLMHead) and e.weight is module.weight]

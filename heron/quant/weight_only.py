@@ -35,6 +35,9 @@ What heron stores and computes
     quantize_int8: symmetric per output channel, scale = absmax/127 computed in fp32 and rounded
     UP to the next bf16 value (so |w/scale| <= 127 and no code clips), q = round(w/scale) in
     [-127, 127]. |w - q*scale| <= scale/2.
+  * int8, group-wise (`group_size` g set; --quantization int8 --quantization-group-size g):
+    q [N, K] int8, scales [N, K/g] float32, one per g input columns (absmax/127, not rounded);
+    matmul runs heron's portable gemv_q8g (float32 sums) for any number of rows.
   * int4: packed [N', K/2] uint8 (N' = N rounded up to 16; the extra rows have scale = zero = 0
     and are sliced off the output), scales_and_zeros [K/g, N', 2] bf16 in the kernel's form.
     Zero-point convention (also what `from_int4` takes, as GPTQ/AWQ store it):
@@ -69,6 +72,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "INT4_GROUP_SIZES",
+    "INT8_GROUP_SIZES",
     "METHODS",
     "QuantizedWeight",
     "quantize",
@@ -78,6 +82,7 @@ __all__ = [
 
 METHODS = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+INT8_GROUP_SIZES = (16, 32, 64, 128, 256)  # group-wise int8 (heron's gemv_q8g takes any divisor of K)
 
 _KERNEL_DTYPE = torch.bfloat16
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -231,14 +236,14 @@ class QuantizedWeight:
     method: str               # "int8" | "int4"
     out_features: int
     in_features: int
-    group_size: int | None    # int4 only
+    group_size: int | None    # int4; int8 when group-wise (None: one scale per output channel)
     qweight: torch.Tensor
     scales: torch.Tensor
     blocked: bool = False     # int4: scales stored [N'/64, K/g, 64, 2] for heron's GEMV kernel
     _fast: tuple | None = None  # (kernel name, most rows): matmul's shortcut for 2-D bf16 x
 
     def __repr__(self) -> str:
-        g = f", group_size={self.group_size}" if self.method == "int4" else ""
+        g = f", group_size={self.group_size}" if self.group_size is not None else ""
         return (f"QuantizedWeight({self.method}, out_features={self.out_features}, "
                 f"in_features={self.in_features}{g}, nbytes={self.nbytes()})")
 
@@ -256,7 +261,8 @@ class QuantizedWeight:
         """Symmetric int8: w[n, k] = qweight[n, k] * scales[n].
 
         qweight [N, K] int8; scales [N] (or [N, 1]) floating, stored as bf16 (the kernel wants the
-        scale in x's dtype, and matmul runs in bf16)."""
+        scale in x's dtype, and matmul runs in bf16). Group-wise: scales [N, K/g] (g in
+        INT8_GROUP_SIZES), w[n, k] = qweight[n, k] * scales[n, k // g], kept in float32."""
         if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int8:
             raise TypeError(f"from_int8: qweight must be an int8 tensor, got "
                             f"{getattr(qweight, 'dtype', type(qweight).__name__)}")
@@ -266,9 +272,18 @@ class QuantizedWeight:
         if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
             raise TypeError(f"from_int8: scales must be a floating tensor, got "
                             f"{getattr(scales, 'dtype', type(scales).__name__)}")
+        if scales.dim() == 2 and scales.shape[0] == n and scales.shape[1] > 1:
+            groups = scales.shape[1]
+            if k % groups or k // groups not in INT8_GROUP_SIZES:
+                raise ValueError(f"from_int8: scales [{n}, {groups}] would give groups of {k}/{groups} input columns; "
+                                 f"group-wise int8 takes groups of {INT8_GROUP_SIZES} columns")
+            if qweight.device.type != "cpu" or scales.device.type != "cpu":
+                raise ValueError("from_int8: tensors must be on the CPU")
+            # group-wise: codes as they are, float32 scales (matmul computes in float32)
+            return cls("int8", n, k, k // groups, qweight.detach().contiguous(), scales.detach().float().contiguous())
         if scales.shape not in ((n,), (n, 1)):
-            raise ValueError(f"from_int8: scales must have shape [{n}] (one per output channel), "
-                             f"got {tuple(scales.shape)}")
+            raise ValueError(f"from_int8: scales must have shape [{n}] (one per output channel) or [{n}, K/g] "
+                             f"(group-wise), got {tuple(scales.shape)}")
         if qweight.device.type != "cpu" or scales.device.type != "cpu":
             raise ValueError("from_int8: tensors must be on the CPU")
         q = qweight.detach()
@@ -420,6 +435,8 @@ class QuantizedWeight:
         if x.device.type != "cpu":
             raise ValueError(f"QuantizedWeight.matmul: x must be on the CPU, got {x.device}")
         lead = x.shape[:-1]
+        if self.method == "int8" and self.group_size is not None:
+            return self._matmul_int8_groups(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
         rows = x2.shape[0]
         if self.method == "int8":
@@ -442,6 +459,15 @@ class QuantizedWeight:
 
     __call__ = matmul
 
+    def _matmul_int8_groups(self, x2: torch.Tensor) -> torch.Tensor:
+        """Group-wise int8: heron's gemv_q8g (float32 sums, x's dtype out), or without the kernels
+        the dequantized weight in x's dtype through F.linear."""
+        from heron.ops.cpu import load_kernel
+        ops = load_kernel()
+        if ops is not None and x2.shape[0] > 0:
+            return ops.gemv_q8g(x2.contiguous(), self.qweight, self.scales, self.group_size)
+        return F.linear(x2, self.dequantize(x2.dtype))
+
     def _int4_codes(self):
         """Yield (r0, r1, codes [r1 - r0, K] uint8) over the real rows in chunks of _ROW_CHUNK."""
         n, k, npad = self.out_features, self.in_features, self.padded_out_features
@@ -462,6 +488,13 @@ class QuantizedWeight:
         """The weights [N, K] the kernel multiplies by (computed in fp32, then cast to `dtype`)."""
         n, k = self.out_features, self.in_features
         out = torch.empty(n, k, dtype=dtype)
+        if self.method == "int8" and self.group_size is not None:
+            g = self.group_size
+            for r0 in range(0, n, _ROW_CHUNK):
+                r1 = min(n, r0 + _ROW_CHUNK)
+                out[r0:r1] = (self.qweight[r0:r1].float().view(r1 - r0, k // g, g)
+                              * self.scales[r0:r1, :, None]).view(r1 - r0, k)
+            return out
         if self.method == "int8":
             if dtype == _KERNEL_DTYPE:
                 # one pass, same values: int8 -> bf16 is exact and the bf16 multiply rounds the
@@ -485,6 +518,9 @@ class QuantizedWeight:
         head): only the bytes of those rows are read. Same values as dequantize()[rows]."""
         rows = rows.reshape(-1).to(torch.long)
         k = self.in_features
+        if self.method == "int8" and self.group_size is not None:
+            g = self.group_size
+            return (self.qweight[rows].float().view(-1, k // g, g) * self.scales[rows][..., None]).view(-1, k).to(dtype)
         if self.method == "int8":
             return (self.qweight[rows, :k].float() * self.scales.float()[rows, None]).to(dtype)
         layout = _int4_layout()
@@ -537,11 +573,28 @@ class QuantizedWeight:
 
 
 # ---- quantizers (round to nearest) ------------------------------------------------------------
-def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
     """Symmetric per-output-channel int8: scale[n] = absmax(w[n]) / 127 (fp32, rounded up to bf16),
-    q = round(w / scale) in [-127, 127]; |w - q*scale| <= scale/2."""
+    q = round(w / scale) in [-127, 127]; |w - q*scale| <= scale/2.
+    With `group_size` g: one float32 scale per g input columns of a row, absmax(group) / 127."""
     w = _check_weight(weight, "quantize_int8")
     n, k = w.shape
+    if group_size is not None:
+        if isinstance(group_size, bool) or group_size not in INT8_GROUP_SIZES or k % group_size:
+            raise ValueError(f"quantize_int8: group_size must be one of {INT8_GROUP_SIZES} and divide "
+                             f"in_features={k}; got {group_size!r}")
+        if group_size == k:   # one group a row: per output channel
+            return quantize_int8(weight)
+        q = torch.empty(n, k, dtype=torch.int8)
+        scales = torch.empty(n, k // group_size, dtype=torch.float32)
+        for r0 in range(0, n, _ROW_CHUNK):
+            r1 = min(n, r0 + _ROW_CHUNK)
+            wg = w[r0:r1].float().view(r1 - r0, k // group_size, group_size)
+            s = wg.abs().amax(dim=2) / 127.0
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            q[r0:r1] = torch.round(wg / safe[..., None]).clamp_(-127, 127).to(torch.int8).view(r1 - r0, k)
+            scales[r0:r1] = s
+        return QuantizedWeight.from_int8(q, scales)
     q = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, dtype=torch.float32)
     for r0 in range(0, n, _ROW_CHUNK):
@@ -591,11 +644,10 @@ def rtn_int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
 
 
 def quantize(weight: torch.Tensor, method: str, group_size: int | None = None) -> QuantizedWeight:
-    """quantize_int8 or quantize_int4 by name (group_size: int4 only, default 64)."""
+    """quantize_int8 or quantize_int4 by name (group_size: int4 default 64; int8 default None =
+    per output channel)."""
     if method == "int8":
-        if group_size is not None:
-            raise ValueError("quantize: int8 is per output channel and takes no group_size")
-        return quantize_int8(weight)
+        return quantize_int8(weight, group_size)
     if method == "int4":
         return quantize_int4(weight, 64 if group_size is None else group_size)
     raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")

@@ -28,13 +28,17 @@ def _llm(folder, **kw) -> LLM:
     return LLM(model=str(folder), dtype="bfloat16", load_progress=False, enable_prefix_caching=False, **kw)
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_every_linear_and_the_lm_head_are_swapped(tiny, method):
-    llm = _llm(tiny, quantization=method, quantization_group_size=32)
+# (method, group size): int8 per output channel, int8 group-wise, int4
+FORMATS = [("int8", None), ("int8", 32), ("int4", 32)]
+
+
+@pytest.mark.parametrize("method,group", FORMATS)
+def test_every_linear_and_the_lm_head_are_swapped(tiny, method, group):
+    llm = _llm(tiny, quantization=method, quantization_group_size=group)
     model = llm.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
     assert linears and all(m.quant is not None and m.weight.numel() == 0 for m in linears)
-    assert all(m.quant.method == method for m in linears)
+    assert all(m.quant.method == method and m.quant.group_size == group for m in linears)
     # the tied embedding looks its rows up in the LM head's quantized weight
     emb = next(m for m in model.modules() if isinstance(m, VocabParallelEmbedding))
     head = next(m for m in model.modules() if isinstance(m, ParallelLMHead))
@@ -43,12 +47,13 @@ def test_every_linear_and_the_lm_head_are_swapped(tiny, method):
     assert torch.equal(emb(ids), head.quant.dequantize(torch.bfloat16)[ids])
     s = llm.engine.runner.quant_summary
     assert s["layers"] == len(linears)
-    assert s["bytes_after"] < s["bytes_before"] * (0.55 if method == "int8" else 0.4)
+    # int8: 1 byte a weight (+ a float32 scale per 32 when group-wise), int4: half a byte
+    assert s["bytes_after"] < s["bytes_before"] * {("int8", None): 0.55, ("int8", 32): 0.6, ("int4", 32): 0.4}[method, group]
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_layer_rule_per_batch_size(tiny, method):
-    model = _llm(tiny, quantization=method, quantization_group_size=32).engine.runner.model
+@pytest.mark.parametrize("method,group", FORMATS)
+def test_layer_rule_per_batch_size(tiny, method, group):
+    model = _llm(tiny, quantization=method, quantization_group_size=group).engine.runner.model
     layer = next(m for m in model.modules() if isinstance(m, LinearBase))
     ref_w = layer.quant.dequantize(torch.bfloat16)
     for rows in (1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 40):
@@ -61,13 +66,13 @@ def test_layer_rule_per_batch_size(tiny, method):
         assert (got - want).abs().le(tol).all(), rows
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_engine_equals_dequantized_weights(tiny, method):
+@pytest.mark.parametrize("method,group", FORMATS)
+def test_engine_equals_dequantized_weights(tiny, method, group):
     """Prefill (many rows: dequantized weights) is exactly the bf16 engine with those weights;
     decode (one row: the packed kernel) agrees within bf16 rounding."""
     prompt = make_prompts()[3]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0, logprobs=0)
-    q = _llm(tiny, quantization=method, quantization_group_size=32)
+    q = _llm(tiny, quantization=method, quantization_group_size=group)
     ref = _llm(tiny)
     qmodel, rmodel = q.engine.runner.model, ref.engine.runner.model
     qmods = dict(qmodel.named_modules())
@@ -89,11 +94,11 @@ def test_engine_equals_dequantized_weights(tiny, method):
     assert math.isclose(first_a, first_b, abs_tol=0.05)
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_dequantize_rows_equals_full_dequantize(method):
+@pytest.mark.parametrize("method,group", FORMATS)
+def test_dequantize_rows_equals_full_dequantize(method, group):
     from heron.quant.weight_only import quantize
     w = torch.randn(192, 64, dtype=torch.bfloat16)
-    qw = quantize(w, method, 32 if method == "int4" else None)
+    qw = quantize(w, method, group)
     rows = torch.tensor([0, 1, 31, 32, 33, 63, 64, 100, 191, 5, 5])
     assert torch.equal(qw.dequantize_rows(rows), qw.dequantize(torch.bfloat16)[rows])
 
@@ -172,6 +177,11 @@ def test_config_errors():
         EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match="quantization_group_size must be one of 32, 64, 128, 256"):
         EngineConfig(quantization="int4", quantization_group_size=48)
+    with pytest.raises(ValueError, match="quantization_group_size for int8 must be one of 16, 32, 64, 128, 256"):
+        EngineConfig(quantization="int8", quantization_group_size=48)
+    # unset: int4 groups of 64, int8 one scale per output channel
+    assert EngineConfig(quantization="int4").quantization_group_size == 64
+    assert EngineConfig(quantization="int8").quantization_group_size is None
 
 
 def test_quantize_model_reports_sizes():
@@ -301,7 +311,8 @@ def test_lm_head_format_option(tiny):
     head = next(m for m in model.modules() if isinstance(m, ParallelLMHead))
     emb = next(m for m in model.modules() if isinstance(m, VocabParallelEmbedding))
     assert (head.quant.method, head.quant.group_size) == ("int4", 32) and emb.quant is head.quant
-    assert all(m.quant.method == "int8" for m in model.modules() if isinstance(m, LinearBase))
+    # the group size is the int8 layers' too (group-wise int8)
+    assert all((m.quant.method, m.quant.group_size) == ("int8", 32) for m in model.modules() if isinstance(m, LinearBase))
 
 
 @pytest.mark.slow

@@ -132,3 +132,21 @@ def test_linear_layer_paths_agree():
     assert layer.packed_weight is not None
     assert torch.equal(layer(x), plain)  # 6 rows: packed oneDNN, bit-identical
     _close_in_bf16(layer(x[:2]), plain[:2], min_exact=0.9)  # 2 rows: GEMV kernel
+
+
+def test_gemv_q8g_matches_float64_and_checks_its_inputs():
+    """Group-wise int8 GEMV: float32 sums of exact products, one scale per group, any row count."""
+    ops = load_kernel()
+    g = torch.Generator().manual_seed(12)
+    q = torch.randint(-127, 128, (77, 96), generator=g, dtype=torch.int8)
+    s = torch.rand(77, 3, generator=g) * 0.01
+    x = torch.randn(5, 96, generator=g)
+    ref = x.double() @ (q.double().view(77, 3, 32) * s.double()[..., None]).view(77, 96).t()
+    torch.testing.assert_close(ops.gemv_q8g(x, q, s, 32).double(), ref, rtol=1e-5, atol=1e-6)
+    out = ops.gemv_q8g(x.bfloat16(), q, s, 32)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[2:3], ops.gemv_q8g(x.bfloat16()[2:3], q, s, 32))   # rows do not interact
+    with pytest.raises(RuntimeError, match="shapes do not match the group size"):
+        ops.gemv_q8g(x, q, s, 48)
+    with pytest.raises(RuntimeError, match="int8 q, float32 scales"):
+        ops.gemv_q8g(x, q.float(), s, 32)

@@ -295,8 +295,9 @@ def test_errors():
         quantize_int8(torch.ones(64))
     with pytest.raises(ValueError, match="method must be one of"):
         quantize(w, "int3")
-    with pytest.raises(ValueError, match="no group_size"):
-        quantize(w, "int8", 64)
+    assert quantize(w, "int8", 64).group_size == 64     # int8 takes a group size too (group-wise)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize(w, "int8", 48)
     qw = quantize_int4(w, 64)
     with pytest.raises(TypeError, match="bfloat16, float32 or float16"):
         qw.matmul(torch.ones(2, 192, dtype=torch.int64))
@@ -415,3 +416,59 @@ def test_gemv_kernel_input_checks():
             ops.gemv_q4(_x((9, 256)), q4.qweight, q4.scales, 32)
         with pytest.raises(RuntimeError, match="group size"):
             ops.gemv_q4(_x((1, 256)), q4.qweight, q4.scales, 64)
+
+
+# ---- int8, group-wise (--quantization int8 --quantization-group-size G) -----------------------------
+@pytest.mark.parametrize("group", [16, 32, 128])
+def test_int8_groups_error_bound_and_codes(group):
+    """One float32 scale per `group` input columns: |w - q s| <= s / 2 with s = absmax(group) / 127,
+    the codes round-trip through from_int8, and rows are dequantized like the whole matrix."""
+    from heron.quant.weight_only import QuantizedWeight, quantize_int8
+    torch.manual_seed(3)
+    w = torch.randn(96, 256) * torch.logspace(-3, 0, 256)[None, :]   # groups of very different ranges
+    qw = quantize_int8(w, group)
+    assert (qw.method, qw.group_size, qw.scales.shape, qw.scales.dtype) == ("int8", group, (96, 256 // group), torch.float32)
+    s = w.view(96, -1, group).abs().amax(2) / 127
+    torch.testing.assert_close(qw.scales, s, rtol=0, atol=0)
+    err = (qw.dequantize(torch.float32) - w).view(96, -1, group).abs()
+    assert bool((err <= s[..., None] / 2 * (1 + 1e-5)).all())      # (float32 rounding of w / s and q s)
+    # finer than one scale per output channel on such rows
+    assert (qw.dequantize(torch.float32) - w).abs().mean() < (quantize_int8(w).dequantize(torch.float32) - w).abs().mean()
+    q, sc = qw.codes()
+    again = QuantizedWeight.from_int8(q, sc)
+    assert again.group_size == group and torch.equal(again.dequantize(), qw.dequantize())
+    rows = torch.tensor([0, 95, 7, 7])
+    assert torch.equal(qw.dequantize_rows(rows, torch.float32), qw.dequantize(torch.float32)[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_int8_groups_matmul_sums_in_float32(dtype, rows, monkeypatch):
+    """matmul (heron's gemv_q8g) sums products of x and the codes in float32 and rounds once to
+    x's dtype; without the kernels it runs the dequantized weight through F.linear."""
+    from heron.ops import cpu as cpu_ops
+    from heron.quant.weight_only import quantize_int8
+    torch.manual_seed(4)
+    qw = quantize_int8(torch.randn(130, 320) * 0.05, 32)
+    x = torch.randn(2, rows, 320).to(dtype)
+    ref = (x.double() @ qw.dequantize(torch.float32).double().t())
+    out = qw.matmul(x)
+    assert out.dtype == dtype and out.shape == (2, rows, 130)
+    if cpu_ops.load_kernel() is not None:
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+        torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=tol, atol=1e-5)
+    monkeypatch.setattr(cpu_ops, "load_kernel", lambda: None)
+    assert torch.equal(qw.matmul(x), torch.nn.functional.linear(x, qw.dequantize(dtype)))
+
+
+def test_int8_group_errors():
+    from heron.quant.weight_only import QuantizedWeight, quantize, quantize_int8
+    w = torch.randn(8, 96)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize_int8(w, 40)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize_int8(w, 64)                         # does not divide 96
+    with pytest.raises(ValueError, match="group-wise int8 takes groups of"):
+        QuantizedWeight.from_int8(torch.zeros(8, 96, dtype=torch.int8), torch.ones(8, 32))   # groups of 3
+    assert quantize(torch.randn(8, 128), "int8", 128).group_size is None   # one group a row is per channel
+    assert quantize(w, "int8").group_size is None

@@ -1250,6 +1250,50 @@ void merge_part(torch::Tensor out, torch::Tensor lse, torch::Tensor rows, torch:
   });
 }
 
+// Group-wise int8 weights (--quantization int8 --quantization-group-size G): x [R, K] (bf16, fp16
+// or float32), q [N, K] int8, scales [N, K/G] float32; out[r, n] = sum_g scales[n, g] *
+// sum_{k in group g} x[r, k] * q[n, k] in float32 (a product of x and a code is exact there),
+// rounded once to x's dtype. Portable C++: 8 partial sums per group let the compiler vectorise
+// the sum without -ffast-math, and a row of q stays in cache for all R rows of x.
+torch::Tensor gemv_q8g(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "gemv_q8g: x [R, K], q [N, K], scales [N, K/G]");
+  TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat, "gemv_q8g: int8 q, float32 scales");
+  const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(group > 0 && K % group == 0 && q.size(1) == K && scales.size(0) == N && scales.size(1) == K / group,
+              "gemv_q8g: shapes do not match the group size");
+  const auto xf = x.to(torch::kFloat).contiguous();
+  const auto qc = q.contiguous();
+  const auto sc = scales.contiguous();
+  auto out = torch::empty({R, N}, torch::kFloat);
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t G = K / group;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* qn = qp + n * K;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* xr = xp + r * K;
+        float acc = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t k0 = g * group;
+          float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+          int64_t k = 0;
+          for (; k + 8 <= group; k += 8)
+            for (int j = 0; j < 8; ++j) part[j] += xr[k0 + k + j] * static_cast<float>(qn[k0 + k + j]);
+          float sum = 0.f;
+          for (; k < group; ++k) sum += xr[k0 + k] * static_cast<float>(qn[k0 + k]);
+          for (int j = 0; j < 8; ++j) sum += part[j];
+          acc += sum * sp[n * G + g];
+        }
+        op[r * N + n] = acc;
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
 bool paged_part_supported() { return true; }   // the AVX-512 kernel where built, else the portable one
 
 torch::Tensor argmax_rows(torch::Tensor logits) {
