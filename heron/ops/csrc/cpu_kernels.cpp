@@ -55,6 +55,22 @@ struct PartOut {
   float* lse = nullptr;
 };
 
+// The end of one query head's online softmax: acc / l into out (row `row` of [B * Hq, D], in T),
+// or with a PartOut into its float32 output, with the log-sum-exp m + log(l) of the scaled
+// scores (-inf and zeros when the part had no key).
+template <typename T>
+inline void finish_row(const PartOut& part, T* out, int64_t row, const float* acc, float m, float l, int64_t D) {
+  if (part.lse) part.lse[row] = l > 0.f ? m + std::log(l) : -std::numeric_limits<float>::infinity();
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  if (part.out_f32) {
+    float* o = part.out_f32 + row * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+  } else {
+    T* o = out + row * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+  }
+}
+
 template <typename T>
 void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const int64_t* seq_lens, T* out,
                    int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t num_blocks, int64_t bs,
@@ -108,18 +124,7 @@ void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const i
           }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t row = b * Hq + h * G + g;
-        if (part.lse) part.lse[row] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;   // no key in range (a part): zeros
-        if (part.out_f32) {
-          float* o = part.out_f32 + row * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
-        } else {
-          T* o = out + row * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
-        }
-      }
+      for (int64_t g = 0; g < G; ++g) finish_row(part, out, b * Hq + h * G + g, acc.data() + g * D, m[g], l[g], D);
     }
   });
 }
@@ -304,18 +309,7 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kv, 
           for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * D + d], a0[g]);
         }
       }
-      for (int g = 0; g < G; ++g) {
-        const int64_t row = b * Hq + h * G + g;
-        if (part.lse) part.lse[row] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;   // no key in range (a part): zeros
-        if (part.out_f32) {
-          float* o = part.out_f32 + row * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
-        } else {
-          c10::BFloat16* o = out + row * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<c10::BFloat16>(acc[g * D + d] * inv);
-        }
-      }
+      for (int g = 0; g < G; ++g) finish_row(part, out, b * Hq + h * G + g, &acc[g * D], m[g], l[g], D);
     }
   });
 }
