@@ -80,6 +80,7 @@ def run_agreement(args, engine_kwargs: dict) -> dict:
         if name == "reference":
             prompts = default_prompts(llm.tokenizer, llm.engine.runner.vocab_size)
         runs[name] = dict(dtype=str(cfg.torch_dtype).replace("torch.", ""), quantization=cfg.quantization,
+                          group_size=cfg.quantization_group_size if cfg.quantization in ("int4", "int8") else None,
                           kv_cache_dtype=cfg.kv_cache_dtype, tokens=greedy_tokens(llm, prompts, args.tokens))
         llm.engine.shutdown()
         del llm

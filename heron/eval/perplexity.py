@@ -107,7 +107,7 @@ def run_perplexity(args, engine_kwargs: dict) -> dict:
     llm = LLM(model=args.model, **kwargs)
     cfg = llm.engine.config
     result = dict(model=llm.engine.source.name, dtype=str(cfg.torch_dtype).replace("torch.", ""),
-                  quantization=cfg.quantization, group_size=cfg.quantization_group_size if cfg.quantization == "int4"
+                  quantization=cfg.quantization, group_size=cfg.quantization_group_size if cfg.quantization in ("int4", "int8")
                   else None, kv_cache_dtype=cfg.kv_cache_dtype,
                   text=args.text_file or "heron/eval/data/eval_text.txt")
     result.update(perplexity(llm, text, args.context_len, args.max_tokens))

@@ -9,7 +9,7 @@ smoothing step).
 
 The integer matmul is oneDNN's quantized linear (`onednn::qlinear_pointwise`, VNNI / AMX-INT8 on
 CPUs that have them) on a weight prepacked once; oneDNN takes unsigned activations, so qx is
-shifted by 128 and passed with zero point 128; the kernel applies the per-channel weight scale
+shifted by 128 and passed with zero point 128 (64 with 7-bit codes); the kernel applies the per-channel weight scale
 in its float32 output, the per-token scale follows in place, then one rounding to the model
 dtype. (Asking the kernel for bf16 output directly is ~10-20% faster at 1,024 rows but adds
 errors up to ~0.8% of an element, more than its rounding explains.) Without oneDNN,
@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from heron.quant.weight_only import QuantizedWeight, quantize_int8
-
 
 
 def cpu_has_vnni() -> bool:

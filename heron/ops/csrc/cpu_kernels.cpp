@@ -130,7 +130,6 @@ void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const i
 }
 
 
-
 #if defined(__AVX512F__)
 // bf16 fast path: keys/values are read in place (no float copy of the block), each key is
 // loaded once for all G query heads of its group, softmax weights are computed 16 at a time.
