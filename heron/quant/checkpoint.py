@@ -33,9 +33,9 @@ significant bits to fp16's 11, so a third-party scale moves by up to 2^-9 of its
 checkpoints `heron quantize` writes hold bf16 values, which fp16 represents exactly, so theirs
 do not move). Supported: GPTQ 4-bit group-wise (group sizes heron's int4 kernel takes, 32, 64,
 128, 256, or a multiple of one of them that divides K, including per-channel -1, whose
-scales are repeated per heron group) and 8-bit (per-channel symmetric exactly into heron's
-int8; grouped or asymmetric 8-bit is re-quantized to int8 per channel from its exact values,
-with a warning), desc_act false or a g_idx that is k // g anyway; AWQ 4-bit GEMM with zero
+scales are repeated per heron group) and 8-bit (symmetric, per channel or in groups of 16-256,
+exactly into heron's int8, per channel or group-wise; other groups or asymmetric 8-bit are
+re-quantized to int8 from their exact values, with a warning), desc_act false or a g_idx that is k // g anyway; AWQ 4-bit GEMM with zero
 points. Anything else (2/3-bit, act-order with a permuted g_idx, the exllama/marlin/bitblas
 formats, AWQ gemv / gemv_fast) is refused with an error naming what is supported.
 """
@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from heron.quant.grid import IntWeight
-from heron.quant.weight_only import INT4_GROUP_SIZES, QuantizedWeight, quantize, quantize_int8
+from heron.quant.weight_only import INT4_GROUP_SIZES, INT8_GROUP_SIZES, QuantizedWeight, quantize, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -354,13 +354,16 @@ def _build(spec: CheckpointSpec, name: str, codes: torch.Tensor, scales: torch.T
             idx = torch.arange(k // hg) * hg // g
             scales, zeros = scales[:, idx], zeros[:, idx]
         return QuantizedWeight.from_int4(codes, scales, zeros, hg)
-    if scales.shape[1] == 1 and bool((zeros == 128).all()):
-        return QuantizedWeight.from_int8((codes - 128).to(torch.int8), scales[:, 0])
-    logger.warning("%s: 8-bit with %d group(s) per row and asymmetric zeros is re-quantized to heron's int8 per "
-                   "output channel (round to nearest from its exact values)", name, scales.shape[1])
     g = k // scales.shape[1]
+    grouped = scales.shape[1] > 1 and g in INT8_GROUP_SIZES      # heron's group-wise int8 holds these groups
+    if bool((zeros == 128).all()) and (scales.shape[1] == 1 or grouped):   # symmetric: the codes as they are
+        return QuantizedWeight.from_int8((codes - 128).to(torch.int8), scales[:, 0] if scales.shape[1] == 1 else scales)
+    logger.warning("%s: 8-bit with %d group(s) per row and %s is re-quantized to heron's int8 %s (round to "
+                   "nearest from its exact values)", name, scales.shape[1],
+                   "asymmetric zeros" if not bool((zeros == 128).all()) else f"groups of {g}",
+                   f"in groups of {g}" if grouped else "per output channel")
     w = (codes.float().view(n, -1, g) - zeros[..., None]) * scales[..., None]
-    return quantize_int8(w.view(n, k))
+    return quantize_int8(w.view(n, k), g if grouped else None)
 
 
 @torch.no_grad()

@@ -223,12 +223,13 @@ HAND = [
     {"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": False, "sym": False,
      "checkpoint_format": "gptq_v2"},
     {"quant_method": "gptq", "bits": 8, "group_size": -1, "desc_act": False, "sym": True},
+    {"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": False, "sym": True},
     {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
 ]
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
-@pytest.mark.parametrize("qc", HAND, ids=["gptq4-g32", "gptq4-v2-perchannel", "gptq8", "awq4-g32"])
+@pytest.mark.parametrize("qc", HAND, ids=["gptq4-g32", "gptq4-v2-perchannel", "gptq8", "gptq8-g32", "awq4-g32"])
 def test_hand_built_checkpoint_loads_to_the_expected_weights(tiny, tmp_path, arch, qc):
     expected = _hand_checkpoint(tiny / arch, tmp_path / "hand", qc)
     llm = _llm(tmp_path / "hand")
@@ -240,6 +241,8 @@ def test_hand_built_checkpoint_loads_to_the_expected_weights(tiny, tmp_path, arc
             got = layer.quant.dequantize(torch.float32)
             assert torch.equal(got, want), f"layer {i} {fused}: max diff {(got - want).abs().max()}"
             assert layer.quant.method == ("int8" if qc["bits"] == 8 else "int4")
+            if qc["bits"] == 8:   # symmetric 8-bit groups load as heron's group-wise int8, exactly
+                assert layer.quant.group_size == (None if qc["group_size"] == -1 else qc["group_size"])
     out = llm.generate([make_prompts()[0]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
                        use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3
