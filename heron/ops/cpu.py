@@ -37,6 +37,10 @@ def _cpu_flags() -> str:
     return ""
 
 
+_FUNCTIONS = ["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm",
+              "act_and_mul", "rope", "gemv", "gemv_supported", "gemv_q8", "gemv_q4", "gemv_q4_supported", "gemv_q8g"]
+
+
 def load_kernel():
     """Build (once) and return the extension module, or None if it cannot be built."""
     global _module, _error
@@ -44,23 +48,52 @@ def load_kernel():
         if _module is not None or _error is not None:
             return _module
         try:
-            from torch.utils.cpp_extension import load_inline
             src = _SRC.read_text()
             key = hashlib.sha256((src + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:16]
             name = f"heron_cpu_kernels_{key}"
             build_dir = _cache_root() / "kernels" / name
             build_dir.mkdir(parents=True, exist_ok=True)
-            if not (build_dir / f"{name}.so").exists():
-                logger.info("compiling heron's CPU kernels (one-off, ~30 s) in %s", build_dir)
-            _module = load_inline(name=name, cpp_sources=[src], functions=["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm", "act_and_mul", "rope", "gemv",
-                                                                 "gemv_supported", "gemv_q8", "gemv_q4",
-                                                                 "gemv_q4_supported", "gemv_q8g"],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                  build_directory=str(build_dir), verbose=False)
+            _module = _load_or_build(name, src, build_dir)
         except Exception as e:  # no compiler, no ninja, unsupported platform ...
             _error = f"{type(e).__name__}: {e}"
             logger.warning("CPU kernels unavailable (%s); using plain torch", _error[:300])
         return _module
+
+
+def _load_or_build(name: str, src: str, build_dir: Path):
+    """The module from build_dir, built first if needed, one process at a time.
+
+    torch's build (load_inline) guards a build directory with a lock *file* that a process killed
+    mid-call (Ctrl-C at start-up, a killed test run) leaves behind, after which every later
+    load_inline of that directory waits for it forever. So heron serialises on a flock(2) lock of
+    its own, which the kernel drops when its holder dies; under it, a built library is imported
+    directly, and torch's lock file, if one is there, can only be stale and is removed."""
+    import fcntl
+    so = build_dir / f"{name}.so"
+    with open(build_dir / "heron.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if so.exists():
+            try:
+                return _import_built(name, so)
+            except ImportError as e:   # a library cut short by a killed link step: build it again
+                logger.warning("rebuilding heron's CPU kernels: %s", e)
+                so.unlink()
+        (build_dir / "lock").unlink(missing_ok=True)
+        from torch.utils.cpp_extension import load_inline
+        logger.info("compiling heron's CPU kernels (one-off, ~30 s) in %s", build_dir)
+        return load_inline(name=name, cpp_sources=[src], functions=_FUNCTIONS,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           build_directory=str(build_dir), verbose=False)
+
+
+def _import_built(name: str, path: Path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def kernel_error() -> str | None:
