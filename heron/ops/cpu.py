@@ -27,7 +27,8 @@ def _cache_root() -> Path:
     return Path(os.environ.get("HERON_CACHE_DIR", Path.home() / ".cache" / "heron"))
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The `flags` line of /proc/cpuinfo (empty where there is none)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
@@ -49,7 +50,7 @@ def load_kernel():
             return _module
         try:
             src = _SRC.read_text()
-            key = hashlib.sha256((src + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:16]
+            key = hashlib.sha256((src + torch.__version__ + cpu_flags()).encode()).hexdigest()[:16]
             name = f"heron_cpu_kernels_{key}"
             build_dir = _cache_root() / "kernels" / name
             build_dir.mkdir(parents=True, exist_ok=True)

@@ -356,11 +356,12 @@ def _build(spec: CheckpointSpec, name: str, codes: torch.Tensor, scales: torch.T
         return QuantizedWeight.from_int4(codes, scales, zeros, hg)
     g = k // scales.shape[1]
     grouped = scales.shape[1] > 1 and g in INT8_GROUP_SIZES      # heron's group-wise int8 holds these groups
-    if bool((zeros == 128).all()) and (scales.shape[1] == 1 or grouped):   # symmetric: the codes as they are
+    symmetric = bool((zeros == 128).all())
+    if symmetric and (scales.shape[1] == 1 or grouped):          # the codes as they are
         return QuantizedWeight.from_int8((codes - 128).to(torch.int8), scales[:, 0] if scales.shape[1] == 1 else scales)
     logger.warning("%s: 8-bit with %d group(s) per row and %s is re-quantized to heron's int8 %s (round to "
                    "nearest from its exact values)", name, scales.shape[1],
-                   "asymmetric zeros" if not bool((zeros == 128).all()) else f"groups of {g}",
+                   f"groups of {g}" if symmetric else "asymmetric zeros",
                    f"in groups of {g}" if grouped else "per output channel")
     w = (codes.float().view(n, -1, g) - zeros[..., None]) * scales[..., None]
     return quantize_int8(w.view(n, k), g if grouped else None)

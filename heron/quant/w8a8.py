@@ -31,12 +31,8 @@ def cpu_has_vnni() -> bool:
     """True when the CPU multiplies u8 x s8 with int32 accumulation (AVX512-VNNI, AVX-VNNI or
     AMX-INT8). Without it oneDNN falls back to VPMADDUBSW, which adds pairs of u8 x s8 products
     in int16 and saturates once a pair exceeds 32,767 (255 x 127 x 2 does)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    from heron.ops.cpu import cpu_flags
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags().split()))
 
 
 # Activation codes: 8 bits where the CPU has VNNI; 7 bits elsewhere (qx in [-63, 63], shifted by

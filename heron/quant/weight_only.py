@@ -459,6 +459,11 @@ class QuantizedWeight:
 
     __call__ = matmul
 
+    def _int8_group_values(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Group-wise int8 rows: codes [R, K] times their scales [R, K/g], in float32."""
+        g, k = self.group_size, self.in_features
+        return (q.float().view(-1, k // g, g) * scales[..., None]).view(-1, k)
+
     def _matmul_int8_groups(self, x2: torch.Tensor) -> torch.Tensor:
         """Group-wise int8: heron's gemv_q8g (float32 sums, x's dtype out), or without the kernels
         the dequantized weight in x's dtype through F.linear."""
@@ -489,11 +494,9 @@ class QuantizedWeight:
         n, k = self.out_features, self.in_features
         out = torch.empty(n, k, dtype=dtype)
         if self.method == "int8" and self.group_size is not None:
-            g = self.group_size
             for r0 in range(0, n, _ROW_CHUNK):
                 r1 = min(n, r0 + _ROW_CHUNK)
-                out[r0:r1] = (self.qweight[r0:r1].float().view(r1 - r0, k // g, g)
-                              * self.scales[r0:r1, :, None]).view(r1 - r0, k)
+                out[r0:r1] = self._int8_group_values(self.qweight[r0:r1], self.scales[r0:r1])
             return out
         if self.method == "int8":
             if dtype == _KERNEL_DTYPE:
@@ -519,8 +522,7 @@ class QuantizedWeight:
         rows = rows.reshape(-1).to(torch.long)
         k = self.in_features
         if self.method == "int8" and self.group_size is not None:
-            g = self.group_size
-            return (self.qweight[rows].float().view(-1, k // g, g) * self.scales[rows][..., None]).view(-1, k).to(dtype)
+            return self._int8_group_values(self.qweight[rows], self.scales[rows]).to(dtype)
         if self.method == "int8":
             return (self.qweight[rows, :k].float() * self.scales.float()[rows, None]).to(dtype)
         layout = _int4_layout()
@@ -589,11 +591,9 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
         scales = torch.empty(n, k // group_size, dtype=torch.float32)
         for r0 in range(0, n, _ROW_CHUNK):
             r1 = min(n, r0 + _ROW_CHUNK)
-            wg = w[r0:r1].float().view(r1 - r0, k // group_size, group_size)
-            s = wg.abs().amax(dim=2) / 127.0
-            safe = torch.where(s > 0, s, torch.ones_like(s))
-            q[r0:r1] = torch.round(wg / safe[..., None]).clamp_(-127, 127).to(torch.int8).view(r1 - r0, k)
-            scales[r0:r1] = s
+            codes, scales[r0:r1] = rtn_int8_codes(w[r0:r1].float().view(r1 - r0, k // group_size, group_size),
+                                                  bf16_scales=False)
+            q[r0:r1] = codes.view(r1 - r0, k)
         return QuantizedWeight.from_int8(q, scales)
     q = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, dtype=torch.float32)
@@ -603,11 +603,14 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
     return QuantizedWeight.from_int8(q, scales)
 
 
-def rtn_int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_int8's rounding on float32 rows [R, K] (finite): (q [R, K] int8, scales [R] float32)."""
-    s = _bf16_round_up(w.abs().amax(dim=1) / 127.0)
+def rtn_int8_codes(w: torch.Tensor, bf16_scales: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8's rounding on float32 rows [..., K] (finite), one scale per row of the last
+    dimension: (q [..., K] int8, scales [...] float32, rounded up to bf16 unless bf16_scales=False)."""
+    s = w.abs().amax(dim=-1) / 127.0
+    if bf16_scales:
+        s = _bf16_round_up(s)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8), s
+    return torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8), s
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> QuantizedWeight:
