@@ -39,7 +39,8 @@ def cpu_flags() -> str:
 
 
 _FUNCTIONS = ["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm",
-              "act_and_mul", "rope", "gemv", "gemv_supported", "gemv_q8", "gemv_q4", "gemv_q4_supported", "gemv_q8g"]
+              "act_and_mul", "rope", "gemv", "gemv_supported", "gemv_q8", "gemv_q4", "gemv_q4_supported", "gemv_q8g",
+              "gemv_q8_max_rows", "gemv_q4_block"]
 
 
 def load_kernel():
@@ -125,13 +126,13 @@ def fused_ops(x: torch.Tensor):
 _disabled = os.environ.get("HERON_NO_FUSED_OPS", "") not in ("", "0")
 
 
-def gemv_kernels():
-    """The kernels module when its GEMVs (bf16, and the int8/int4 ones of heron.quant.weight_only)
-    can run here (built, AVX512-BF16, not disabled by HERON_NO_FUSED_OPS), else None."""
+def quant_gemv_kernels():
+    """The kernels module when its int8/int4 GEMVs (heron.quant.weight_only) can run here (built,
+    AVX512-BF16 or AVX2 with FMA, not disabled by HERON_NO_FUSED_OPS), else None."""
     if _disabled:
         return None
     ops = load_kernel()
-    return ops if ops is not None and ops.gemv_supported() else None
+    return ops if ops is not None and ops.gemv_q8_max_rows() > 0 else None
 
 
 def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4):

@@ -50,14 +50,20 @@ What heron stores and computes
     zero = round(-min/scale), q = clamp(round(w/scale) + zero, 0, 15). All-zero groups get
     scale 0 (and zero 8). |w - dequant| <= scale/2 + scale/32 (the second term: zero_k is
     stored in bf16, whose rounding costs up to |8 - zero| * scale * 2^-8).
-  * heron's own GEMV kernels (heron/ops/csrc/cpu_kernels.cpp, gemv_q8 / gemv_q4) take calls
-    of at most 16 (int8) or 8 (int4) rows when they are built (AVX512-BF16; int4 also needs
-    AVX512-VBMI and torch's AVX-512 packed layout): they read the same codes, widen them to bf16
-    in registers and multiply with VDPBF16PS, at close to the memory bandwidth (Gemma 3's LM
-    head, 1 row: int8 4.6-5.0 ms vs torch's 6.5-7.2, int4 g64 ~2.3-3.6 vs 4.3). For them the int4
-    scales are stored block by block, `scales` [N'/64, K/g, 64, 2] (`blocked`), since torch's
-    [K/g, N', 2] order spreads a block's scales over K/g streams; torch's kernel, used for
-    larger calls or without the build, gets the [K/g, N', 2] form back by a transpose.
+  * heron's own GEMV kernels (heron/ops/csrc/cpu_kernels.cpp, gemv_q8 / gemv_q4) take the
+    small calls when they are built, in one of two variants:
+    - AVX512-BF16 (int4 also needs AVX512-VBMI): at most 16 (int8) or 8 (int4) rows; the codes
+      are widened to bf16 in registers and multiplied with VDPBF16PS, at close to the memory
+      bandwidth (Gemma 3's LM head, 1 row: int8 4.6-5.0 ms vs torch's 6.5-7.2, int4 g64
+      ~2.3-3.6 vs 4.3);
+    - AVX2 with FMA (no AVX-512): at most 8 rows each; the codes are widened to float32 and
+      multiplied with float32 FMAs (int8: the row's sum times its scale; int4, per group:
+      scale * sum(x q) + (zero - 8 scale) * sum(x)) -- LM head, 1 row: int8 ~12.5 ms, int4 g64
+      ~7-8 ms against torch's 63 / 33 on a 2-core Zen 3 VM.
+    Both read torch's int4 layout of their ISA (blocks of 64 / 32 rows). For them the int4
+    scales are stored block by block, `scales` [N'/B, K/g, B, 2] (`block_rows` = B), since
+    torch's [K/g, N', 2] order spreads a block's scales over K/g streams; torch's kernel, used
+    for larger calls or without the build, gets the [K/g, N', 2] form back by a transpose.
   * matmul computes in bf16: float32/float16 inputs are rounded to bf16, run through the bf16
     kernel, and the result is cast back to x.dtype (the non-bf16 kernel paths are scalar loops,
     see above). The rounding of x adds a relative error <= 2^-8 per element, small next to the
@@ -86,6 +92,7 @@ INT8_GROUP_SIZES = (16, 32, 64, 128, 256)  # group-wise int8 (heron's gemv_q8g t
 
 _KERNEL_DTYPE = torch.bfloat16
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+_FAST_DTYPES = (torch.bfloat16, torch.float32)   # matmul's shortcut (float32: rounded to bf16 and back)
 _INT8_K_MULTIPLE = 16   # the bf16 int8 kernel steps K by 16 with aligned loads
 _INT8_X_ALIGN = 32      # bytes: _mm256_load_si256 on x rows
 _INT4_N_MULTIPLE = 16   # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
@@ -200,19 +207,17 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return packed.reshape(n, -1)
 
 
-_Q4_BLOCK = 64            # heron's int4 GEMV reads torch's AVX-512 layout: blocks of 64 rows
-_Q8_GEMV_MAX_ROWS = 16    # what heron's GEMV kernels take (template instances)
-_Q4_GEMV_MAX_ROWS = 8
+_Q4_GEMV_MAX_ROWS = 8    # what heron's int4 GEMV takes (template instances); int8: ops.gemv_q8_max_rows()
 
 
 _OPS: list = []           # the kernels module, once found usable (matmul's shortcut reads it)
 
 
 def _gemv_kernels():
-    """heron's kernels module when its quantized GEMVs can run here (built, AVX512-BF16, not
-    disabled by HERON_NO_FUSED_OPS), else None."""
-    from heron.ops.cpu import gemv_kernels
-    ops = gemv_kernels()
+    """heron's kernels module when its quantized GEMVs can run here (built, AVX512-BF16 or AVX2
+    with FMA, not disabled by HERON_NO_FUSED_OPS), else None."""
+    from heron.ops.cpu import quant_gemv_kernels
+    ops = quant_gemv_kernels()
     if ops is not None and not _OPS:
         _OPS.append(ops)
     return ops
@@ -231,7 +236,8 @@ class QuantizedWeight:
     int4: `qweight` [N', K/2] uint8 in the kernel's packed layout (N' = N rounded up to 16),
           `scales` = scales_and_zeros [K/g, N', 2] bf16: w = (q - 8) * scales[..., 0] + scales[..., 1],
           or, when `blocked` (heron's int4 GEMV kernel is available), the same values as
-          [N'/64, K/g, 64, 2] (rows in blocks of 64); `group_scales()` gives the first form.
+          [N'/B, K/g, B, 2] (rows in blocks of B = block_rows: 64 on AVX-512, 32 on AVX2, the
+          blocks of torch's packed layout there); `group_scales()` gives the first form.
     Build with quantize_int8 / quantize_int4 / from_int8 / from_int4, not directly."""
     method: str               # "int8" | "int4"
     out_features: int
@@ -239,8 +245,12 @@ class QuantizedWeight:
     group_size: int | None    # int4; int8 when group-wise (None: one scale per output channel)
     qweight: torch.Tensor
     scales: torch.Tensor
-    blocked: bool = False     # int4: scales stored [N'/64, K/g, 64, 2] for heron's GEMV kernel
-    _fast: tuple | None = None  # (kernel name, most rows): matmul's shortcut for 2-D bf16 x
+    block_rows: int = 0       # int4: scales stored [N'/B, K/g, B, 2] for heron's GEMV kernel (B > 0)
+    _fast: tuple | None = None  # (kernel name, most rows): matmul's shortcut for 2-D bf16/float32 x
+
+    @property
+    def blocked(self) -> bool:
+        return self.block_rows > 0
 
     def __repr__(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size is not None else ""
@@ -393,26 +403,28 @@ class QuantizedWeight:
             return self
         if self.method == "int8":
             if self.qweight.shape[1] == self.in_features and self.in_features % 32 == 0:
-                self._fast = ("gemv_q8", _Q8_GEMV_MAX_ROWS)
+                self._fast = ("gemv_q8", ops.gemv_q8_max_rows())
             return self
-        if (not self.blocked and self.padded_out_features % _Q4_BLOCK == 0 and ops.gemv_q4_supported()
-                and _int4_layout() == (_Q4_BLOCK, "halves")):
+        block = ops.gemv_q4_block()
+        if (not self.blocked and block and self.padded_out_features % block == 0
+                and _int4_layout() == (block, "halves")):
             groups, npad = self.scales.shape[0], self.padded_out_features
-            self.scales = self.scales.view(groups, npad // _Q4_BLOCK, _Q4_BLOCK, 2).permute(1, 0, 2, 3).contiguous()
-            self.blocked = True
+            self.scales = self.scales.view(groups, npad // block, block, 2).permute(1, 0, 2, 3).contiguous()
+            self.block_rows = block
         if self.blocked and self.padded_out_features == self.out_features:
             self._fast = ("gemv_q4", _Q4_GEMV_MAX_ROWS)
         return self
 
     def group_scales(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """int4: scales_and_zeros of rows r0..r1 (default all N' rows) as [K/g, R, 2] bf16, torch's
-        kernel form, whichever way they are stored (r0 a multiple of 64 when blocked)."""
+        kernel form, whichever way they are stored."""
         r1 = self.padded_out_features if r1 is None else r1
         if not self.blocked:
             return self.scales[:, r0:r1]
-        b0, b1 = r0 // _Q4_BLOCK, -(-r1 // _Q4_BLOCK)
-        sz = self.scales[b0:b1]                                          # [B, G, 64, 2]
-        return sz.permute(1, 0, 2, 3).reshape(sz.shape[1], -1, 2)[:, : r1 - r0]
+        blk = self.block_rows
+        b0, b1 = r0 // blk, -(-r1 // blk)
+        sz = self.scales[b0:b1]                                          # [blocks, G, blk, 2]
+        return sz.permute(1, 0, 2, 3).reshape(sz.shape[1], -1, 2)[:, r0 - b0 * blk: r1 - b0 * blk]
 
     # ---- use ------------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -421,12 +433,15 @@ class QuantizedWeight:
         Computed in bf16 (fp32 accumulation, output rounded to bf16 once); float32/float16 x is
         rounded to bf16 first and the result cast back to x.dtype."""
         fast = self._fast
-        if (fast is not None and type(x) is torch.Tensor and x.dtype == _KERNEL_DTYPE and x.dim() == 2
-                and x.shape[1] == self.in_features and 0 < x.shape[0] <= fast[1] and x.is_cpu):
+        if (fast is not None and type(x) is torch.Tensor and x.dim() == 2 and x.shape[1] == self.in_features
+                and 0 < x.shape[0] <= fast[1] and x.is_cpu and x.dtype in _FAST_DTYPES):
             # the common decode call, without the general path's checks and reshapes
+            xb = x.to(_KERNEL_DTYPE)
             if fast[0] == "gemv_q8":
-                return _OPS[0].gemv_q8(x, self.qweight, self.scales)
-            return _OPS[0].gemv_q4(x, self.qweight, self.scales, self.group_size)
+                out = _OPS[0].gemv_q8(xb, self.qweight, self.scales)
+            else:
+                out = _OPS[0].gemv_q4(xb, self.qweight, self.scales, self.group_size)
+            return out.to(x.dtype)
         if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"QuantizedWeight.matmul: x must be bfloat16, float32 or float16, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -443,8 +458,8 @@ class QuantizedWeight:
             kp = self.qweight.shape[1]
             if kp != self.in_features:
                 x2 = F.pad(x2, (0, kp - self.in_features))
-            ops = _gemv_kernels() if 1 <= rows <= _Q8_GEMV_MAX_ROWS and kp % 32 == 0 else None
-            if ops is not None:
+            ops = _gemv_kernels() if kp % 32 == 0 else None
+            if ops is not None and 1 <= rows <= ops.gemv_q8_max_rows():
                 out = ops.gemv_q8(x2, self.qweight, self.scales)
             else:
                 out = torch.ops.aten._weight_int8pack_mm(_aligned(x2, _INT8_X_ALIGN), self.qweight, self.scales)
@@ -540,7 +555,8 @@ class QuantizedWeight:
         packed = blocks[rows // block, :, col]                               # [R, K] bytes
         codes = (packed >> shift[:, None]) & 15
         if self.blocked:
-            sz = self.scales[rows // _Q4_BLOCK, :, rows % _Q4_BLOCK].transpose(0, 1).float()   # [G, R, 2]
+            blk = self.block_rows
+            sz = self.scales[rows // blk, :, rows % blk].transpose(0, 1).float()   # [G, R, 2]
         else:
             sz = self.scales[:, rows].float()                               # [G, R, 2]
         s, zk = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]        # [R, G, 1]

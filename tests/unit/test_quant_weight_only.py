@@ -352,7 +352,7 @@ def test_lm_head_shape():
 def _kernels_or_skip():
     ops = wo._gemv_kernels()
     if ops is None:
-        pytest.skip("heron's CPU kernels are not built here (no compiler or no AVX512-BF16)")
+        pytest.skip("heron's CPU kernels are not built here (no compiler, or neither AVX512-BF16 nor AVX2)")
     return ops
 
 
@@ -362,11 +362,15 @@ def _kernels_or_skip():
 def test_gemv_kernels_take_small_calls_and_match(method, gs, rows, n, k):
     ops = _kernels_or_skip()
     if method == "int4" and not ops.gemv_q4_supported():
-        pytest.skip("the int4 GEMV needs AVX512-VBMI")
+        pytest.skip("the int4 GEMV needs AVX512-BF16 with AVX512-VBMI, or AVX2")
     qw = quantize(_weight(n, k, seed=n + k), method, gs)
-    limit = wo._Q8_GEMV_MAX_ROWS if method == "int8" else wo._Q4_GEMV_MAX_ROWS
+    limit = ops.gemv_q8_max_rows() if method == "int8" else wo._Q4_GEMV_MAX_ROWS
+    assert limit in ((16, 8) if method == "int8" else (8,))   # AVX512-BF16 / AVX2
+    rows = tuple(sorted({r for r in rows if r <= limit} | {limit}))
     assert qw._fast == (f"gemv_q{8 if method == 'int8' else 4}", limit)
     assert qw.blocked == (method == "int4")
+    if method == "int4":
+        assert qw.block_rows == ops.gemv_q4_block() and qw.scales.shape == (n // qw.block_rows, k // gs, qw.block_rows, 2)
     x = _x((max(rows), k), seed=n)
     for m in rows:
         _assert_matches_dequantized(qw, x[:m])
@@ -379,18 +383,45 @@ def test_gemv_kernels_take_small_calls_and_match(method, gs, rows, n, k):
     assert torch.equal(qw.matmul(x[m - 1: m]), direct[m - 1: m])
 
 
+@pytest.mark.parametrize("method,gs", [("int4", 32), ("int4", 64), ("int8", None)])
+def test_avx2_gemv_kernels_read_every_weight_right(method, gs):
+    """The AVX2 variants read each code and scale where dequantize() does: with x one-hot in
+    column k (any row of the call), the output is that weight column rounded to bf16 -- exactly
+    for int8; int4 adds (zero - 8 scale) as one float32 term, so within one bf16 step."""
+    ops = _kernels_or_skip()
+    if ops.gemv_q4_block() != 32:
+        pytest.skip("this CPU runs the AVX512-BF16 variants (bf16 products, another rounding)")
+    n, k = 96, 256
+    qw = quantize(_weight(n, k, seed=5), method, gs)
+    w = qw.dequantize(torch.float32)
+    for col in (0, 1, 37, 64, 255):
+        for m, row in ((1, 0), (3, 2), (8, 5)):
+            x = torch.zeros(m, k, dtype=torch.bfloat16)
+            x[row, col] = 1.0
+            y = qw.matmul(x)
+            want = w[:, col].to(torch.bfloat16)
+            if method == "int8":
+                assert torch.equal(y[row], want), (col, m, row)
+            else:
+                step = 2.0 ** (torch.frexp(want.float())[1].float() - 8)   # a bf16 ulp at |want|
+                assert bool(((y[row].float() - want.float()).abs() <= step).all()), (col, m, row)
+            assert not y[torch.arange(m) != row].any()
+
+
 def test_blocked_int4_scales_serve_torch_kernel_dequantize_and_codes(monkeypatch):
     _kernels_or_skip()
     w = _weight(192, 256)
     qw = quantize_int4(w, 32)
     if not qw.blocked:
         pytest.skip("the int4 GEMV kernel is not available here")
-    assert qw.scales.shape == (192 // 64, 256 // 32, 64, 2)
+    blk = qw.block_rows                                # 64 on AVX-512, 32 on AVX2
+    assert blk in (32, 64) and qw.scales.shape == (192 // blk, 256 // 32, blk, 2)
     monkeypatch.setattr(wo, "_gemv_kernels", lambda: None)
     plain = quantize_int4(w, 32)                      # torch's [G, N, 2] order
     assert not plain.blocked and plain._fast is None
     assert torch.equal(qw.group_scales(), plain.scales)
     assert torch.equal(qw.group_scales(64, 150), plain.scales[:, 64:150])
+    assert torch.equal(qw.group_scales(40, 41), plain.scales[:, 40:41])   # not on a block boundary
     assert torch.equal(qw.dequantize(torch.float32), plain.dequantize(torch.float32))
     rows = torch.tensor([0, 63, 64, 130, 191, 5])
     assert torch.equal(qw.dequantize_rows(rows), plain.dequantize_rows(rows))
@@ -406,8 +437,9 @@ def test_blocked_int4_scales_serve_torch_kernel_dequantize_and_codes(monkeypatch
 def test_gemv_kernel_input_checks():
     ops = _kernels_or_skip()
     q8 = quantize_int8(_weight(64, 256))
-    with pytest.raises(RuntimeError, match="1-16 rows"):
-        ops.gemv_q8(_x((17, 256)), q8.qweight, q8.scales)
+    most = ops.gemv_q8_max_rows()
+    with pytest.raises(RuntimeError, match=f"1-{most} rows"):
+        ops.gemv_q8(_x((most + 1, 256)), q8.qweight, q8.scales)
     with pytest.raises(RuntimeError, match="x \\[M, K\\], w \\[N, K\\]"):
         ops.gemv_q8(_x((1, 128)), q8.qweight, q8.scales)
     if ops.gemv_q4_supported():

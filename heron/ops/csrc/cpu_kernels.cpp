@@ -8,12 +8,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -1032,6 +1033,228 @@ void gemv_q4_impl(const uint16_t* x, const uint8_t* w, const uint32_t* sz, const
 #endif
 #endif
 
+// ---- the same int8 / int4 GEMVs on AVX2 + FMA CPUs (no AVX-512) ------------------------------
+// No bf16 dot product here: the codes are widened to float32 in registers and x (bf16, widened
+// once) is multiplied in with float32 FMAs; the scales are applied per row (int8) or per group
+// (int4, group-wise int8). Each output is summed in the same order whatever M is, and rounded
+// once to bf16 (gemv_q8g: to x's dtype).
+#if defined(__AVX2__) && defined(__FMA__) && !(defined(__AVX512BF16__) && defined(__AVX512VBMI__))
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+constexpr int64_t kQ8PrefetchRows = 16;
+
+// int8 per output channel, w [N, K] int8 row-major (K a multiple of 8), scales [N] bf16:
+// R weight rows at a time (independent accumulators keep the FMA units busy), M rows of x.
+template <int M, int R>
+inline void q8_rows_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint16_t* out, int64_t n,
+                         int64_t N, int64_t K, int64_t end) {
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int8_t* w0 = w + n * K;
+  const bool ahead = n + R + kQ8PrefetchRows <= end;
+  for (int64_t k = 0; k < K; k += 8) {
+    if (ahead && (k & 63) == 0)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w0 + (kQ8PrefetchRows + r) * K + k), _MM_HINT_T0);
+    __m256 wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w0 + r * K + k))));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = _mm256_loadu_ps(xf + m * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float s = bf2f(scales[n + r]);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) out[m * N + n + r] = f2bf(hsum8(acc[m][r]) * s);
+  }
+}
+
+template <int M>
+void gemv_q8_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint16_t* out, int64_t N, int64_t K) {
+  constexpr int R = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + R <= end; n += R) q8_rows_avx2<M, R>(xf, w, scales, out, n, N, K, end);
+    for (; n < end; ++n) q8_rows_avx2<M, 1>(xf, w, scales, out, n, N, K, end);
+  });
+}
+
+// int4 in torch's AVX2 packed layout: rows in blocks of 32, a block stored as [K, 16] bytes,
+// byte j of input k holding output row j (low nibble) and row j + 16 (high nibble);
+// sz [N/32, G, 32] (scale, zero) bf16 pairs per block, group and row. A block's rows go in four
+// parts of 8 (one float32 vector each): part p = rows 8p..8p+7, the low nibbles of bytes
+// 0-7 / 8-15 for p = 0 / 1 and the high nibbles for p = 2 / 3. The 16 bytes of an input are
+// broadcast to both halves of a vector and VPSHUFB puts byte r of a part in lane r (one
+// in-lane shuffle serves a part's low and high nibbles; VPMOVSXBD from a register measured
+// ~1.5x slower on Zen 3). Per group, with q the code 0..15 and w = (q - 8) * scale + zero:
+//   sum_k x_k w_k = scale * sum_k x_k q_k + (zero - 8 scale) * sum_k x_k.
+// One pass over a block's codes handles the parts P, P + STEP, ... (4 / STEP of them), so that
+// the accumulators fit in the 16 vector registers. xsum [M, G]: per-group sums of x.
+constexpr int64_t kQ4PrefetchBytesAvx2 = 2048;
+
+template <int M, int P0, int STEP>
+inline void q4_block_avx2(const float* xf, const float* xsum, const uint8_t* wb, const uint32_t* szb, uint16_t* out,
+                          int64_t N, int64_t K, int64_t G, int64_t gs, int64_t row0, bool ahead) {
+  constexpr int S = 4 / STEP;
+  const __m256i nib = _mm256_set1_epi32(0x0F);
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m256i idx0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                        4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+  const __m256i idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8));   // bytes 8-15 (-1 stays negative)
+  __m256 tot[M][S];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < S; ++j) tot[m][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[M][S];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int j = 0; j < S; ++j) acc[m][j] = _mm256_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+      if (ahead && (k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + k * 16 + kQ4PrefetchBytesAvx2), _MM_HINT_T0);
+      const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * 16)));
+      const __m256i sh0 = _mm256_shuffle_epi8(bytes, idx0), sh1 = _mm256_shuffle_epi8(bytes, idx1);
+      __m256 wv[S];
+#pragma GCC unroll 4
+      for (int j = 0; j < S; ++j) {
+        const int part = P0 + j * STEP;
+        const __m256i src = (part & 1) ? sh1 : sh0;
+        wv[j] = _mm256_cvtepi32_ps(part >= 2 ? _mm256_and_si256(_mm256_srli_epi32(src, 4), nib) : _mm256_and_si256(src, nib));
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_broadcast_ss(xf + m * K + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < S; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < S; ++j) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + g * 32 + (P0 + j * STEP) * 8));
+      const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+      const __m256 c = _mm256_fnmadd_ps(sc, _mm256_set1_ps(8.f), _mm256_castsi256_ps(_mm256_and_si256(p, hi_mask)));
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+        tot[m][j] = _mm256_fmadd_ps(acc[m][j], sc, _mm256_fmadd_ps(c, _mm256_set1_ps(xsum[m * G + g]), tot[m][j]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < S; ++j) {
+      alignas(32) float v[8];
+      _mm256_store_ps(v, tot[m][j]);
+      uint16_t* o = out + m * N + row0 + (P0 + j * STEP) * 8;
+      for (int r = 0; r < 8; ++r) o[r] = f2bf(v[r]);
+    }
+}
+
+template <int M>
+void gemv_q4_avx2(const float* xf, const float* xsum, const uint8_t* w, const uint32_t* sz, uint16_t* out,
+                  int64_t N, int64_t K, int64_t gs) {
+  static_assert(M >= 1 && M <= 4, "gemv_q4_avx2: 1-4 rows of x (the wrapper splits larger calls)");
+  constexpr int STEP = M <= 2 ? 1 : 2;   // parts per pass: 4 or 2 (1 measured ~2x slower at 4 rows)
+  const int64_t G = K / gs, blocks = N / 32;
+  at::parallel_for(0, blocks * STEP, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / STEP;
+      const int pass = static_cast<int>(item % STEP);
+      const uint8_t* wb = w + b * K * 16;
+      const uint32_t* szb = sz + b * G * 32;
+      const bool ahead = b + 1 < blocks;
+      if constexpr (STEP == 1) {
+        q4_block_avx2<M, 0, 1>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
+      } else if constexpr (STEP == 2) {
+        if (pass == 0) q4_block_avx2<M, 0, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
+        else q4_block_avx2<M, 1, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
+      } else {
+        switch (pass) {
+          case 0: q4_block_avx2<M, 0, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
+          case 1: q4_block_avx2<M, 1, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
+          case 2: q4_block_avx2<M, 2, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
+          default: q4_block_avx2<M, 3, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
+        }
+      }
+    }
+  });
+}
+
+// group-wise int8 (gemv_q8g): q [N, K] int8, scales [N, K/gs] float32 (gs a multiple of 8), x
+// widened to float32: per group, eight lanes of products summed in float32 FMAs, then times the
+// group's scale into the row's total; R weight rows and M (<= 4) rows of x at a time.
+template <int M, int R>
+inline void q8g_rows_avx2(const float* xf, const int8_t* q, const float* sc, float* out, int64_t n, int64_t N,
+                          int64_t K, int64_t gs, int64_t end) {
+  const int64_t G = K / gs;
+  __m256 tot[M][R];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) tot[m][r] = _mm256_setzero_ps();
+  const int8_t* q0 = q + n * K;
+  const bool ahead = n + R + kQ8PrefetchRows <= end;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 part[M][R];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+      if (ahead && (k & 63) == 0)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(q0 + (kQ8PrefetchRows + r) * K + k), _MM_HINT_T0);
+      __m256 wv[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q0 + r * K + k))));
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_loadu_ps(xf + m * K + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) part[m][r] = _mm256_fmadd_ps(xv, wv[r], part[m][r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(sc[(n + r) * G + g]);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) tot[m][r] = _mm256_fmadd_ps(part[m][r], s, tot[m][r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) out[m * N + n + r] = hsum8(tot[m][r]);
+}
+
+template <int M>
+void gemv_q8g_avx2(const float* xf, const int8_t* q, const float* sc, float* out, int64_t N, int64_t K, int64_t gs) {
+  constexpr int R = M <= 1 ? 4 : M <= 2 ? 2 : 1;
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + R <= end; n += R) q8g_rows_avx2<M, R>(xf, q, sc, out, n, N, K, gs, end);
+    for (; n < end; ++n) q8g_rows_avx2<M, 1>(xf, q, sc, out, n, N, K, gs, end);
+  });
+}
+#define HERON_GEMV_Q_AVX2 1
+#endif
+
 }  // namespace
 
 // k/v [T, Hkv, D] (each token's Hkv*D values contiguous) into the cache slots
@@ -1247,7 +1470,8 @@ void merge_part(torch::Tensor out, torch::Tensor lse, torch::Tensor rows, torch:
 // or float32), q [N, K] int8, scales [N, K/G] float32; out[r, n] = sum_g scales[n, g] *
 // sum_{k in group g} x[r, k] * q[n, k] in float32 (a product of x and a code is exact there),
 // rounded once to x's dtype. Portable C++: 8 partial sums per group let the compiler vectorise
-// the sum without -ffast-math, and a row of q stays in cache for all R rows of x.
+// the sum without -ffast-math, and a row of q stays in cache for all R rows of x. On AVX2 CPUs
+// (without the AVX-512 GEMVs) gemv_q8g_avx2 runs instead: the same sums in another order.
 torch::Tensor gemv_q8g(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "gemv_q8g: x [R, K], q [N, K], scales [N, K/G]");
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat, "gemv_q8g: int8 q, float32 scales");
@@ -1263,6 +1487,21 @@ torch::Tensor gemv_q8g(torch::Tensor x, torch::Tensor q, torch::Tensor scales, i
   const float* sp = sc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t G = K / group;
+#if defined(HERON_GEMV_Q_AVX2)
+  if (group % 8 == 0) {   // x rows in chunks of up to 4 (each output computed the same way in any chunk)
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const float* xr = xp + r0 * K;
+      float* orow = op + r0 * N;
+      switch (std::min<int64_t>(4, R - r0)) {
+        case 1: gemv_q8g_avx2<1>(xr, qp, sp, orow, N, K, group); break;
+        case 2: gemv_q8g_avx2<2>(xr, qp, sp, orow, N, K, group); break;
+        case 3: gemv_q8g_avx2<3>(xr, qp, sp, orow, N, K, group); break;
+        default: gemv_q8g_avx2<4>(xr, qp, sp, orow, N, K, group); break;
+      }
+    }
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  }
+#endif
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* qn = qp + n * K;
@@ -1419,30 +1658,57 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   return out;
 }
 
-bool gemv_q4_supported() {
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  return true;
+// The quantized GEMVs' limits on this build: the most rows of x a call takes (0: no kernel),
+// and the rows per block of the int4 layout they read (torch's packed layout for this ISA).
+int64_t gemv_q8_max_rows() {
+#if defined(__AVX512BF16__)
+  return 16;
+#elif defined(HERON_GEMV_Q_AVX2)
+  return 8;
 #else
-  return false;
+  return 0;
 #endif
 }
 
-// x [M, K] bf16 (1 <= M <= 16), w [N, K] int8 (K a multiple of 32), scales [N] bf16 -> [M, N] bf16
+int64_t gemv_q4_block() {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  return 64;
+#elif defined(HERON_GEMV_Q_AVX2)
+  return 32;
+#else
+  return 0;
+#endif
+}
+
+bool gemv_q4_supported() { return gemv_q4_block() > 0; }
+
+#if defined(HERON_GEMV_Q_AVX2)
+static std::vector<float> widen_bf16(const torch::Tensor& x) {   // x contiguous bf16
+  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  std::vector<float> xf(x.numel());
+  for (int64_t i = 0; i < x.numel(); ++i) xf[i] = bf2f(xb[i]);
+  return xf;
+}
+#endif
+
+// x [M, K] bf16 (1 <= M <= gemv_q8_max_rows()), w [N, K] int8 (K a multiple of 32), scales [N]
+// bf16 -> [M, N] bf16
 torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
   check_bf16(x, "x");
   check_bf16(scales, "scales");
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w: contiguous [N, K] int8");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  TORCH_CHECK(M >= 1 && M <= 16 && K % 32 == 0, "gemv_q8: 1-16 rows and K a multiple of 32");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1), most = gemv_q8_max_rows();
+  TORCH_CHECK(most > 0, "gemv_q8 needs AVX512-BF16 or AVX2 with FMA");
+  TORCH_CHECK(M >= 1 && M <= most && K % 32 == 0, "gemv_q8: 1-", most, " rows and K a multiple of 32");
   TORCH_CHECK(scales.numel() == N && scales.is_contiguous(), "scales: [N] contiguous");
   x = x.contiguous();
   auto out = torch::empty({M, N}, x.options());
-#if defined(__AVX512BF16__)
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const auto* wp = w.data_ptr<int8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+#if defined(__AVX512BF16__)
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   switch (M) {
     case 1: gemv_q8_impl<1>(xp, wp, sp, op, N, K); break;
     case 2: gemv_q8_impl<2>(xp, wp, sp, op, N, K); break;
@@ -1461,49 +1727,77 @@ torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
     case 15: gemv_q8_impl<15>(xp, wp, sp, op, N, K); break;
     default: gemv_q8_impl<16>(xp, wp, sp, op, N, K); break;
   }
-#else
-  TORCH_CHECK(false, "gemv_q8 needs AVX512-BF16");
+#elif defined(HERON_GEMV_Q_AVX2)
+  const std::vector<float> xf = widen_bf16(x);
+  const float* xp = xf.data();
+  switch (M) {
+    case 1: gemv_q8_avx2<1>(xp, wp, sp, op, N, K); break;
+    case 2: gemv_q8_avx2<2>(xp, wp, sp, op, N, K); break;
+    case 3: gemv_q8_avx2<3>(xp, wp, sp, op, N, K); break;
+    case 4: gemv_q8_avx2<4>(xp, wp, sp, op, N, K); break;
+    case 5: gemv_q8_avx2<5>(xp, wp, sp, op, N, K); break;
+    case 6: gemv_q8_avx2<6>(xp, wp, sp, op, N, K); break;
+    case 7: gemv_q8_avx2<7>(xp, wp, sp, op, N, K); break;
+    default: gemv_q8_avx2<8>(xp, wp, sp, op, N, K); break;
+  }
 #endif
   return out;
 }
 
-// x [M, K] bf16 (1 <= M <= 8), packed [N, K/2] uint8 in torch's AVX-512 int4 layout (N a multiple
-// of 64), sz [N/64, K/gs, 64, 2] bf16 -> [M, N] bf16
+// x [M, K] bf16 (1 <= M <= 8), packed [N, K/2] uint8 in torch's packed int4 layout for this ISA
+// (blocks of B = gemv_q4_block() rows, N a multiple of B), sz [N/B, K/gs, B, 2] bf16 -> [M, N] bf16
 torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t gs) {
   check_bf16(x, "x");
   check_bf16(sz, "scales_and_zeros");
+  const int64_t B = gemv_q4_block();
+  TORCH_CHECK(B > 0, "gemv_q4 needs AVX512-BF16 and AVX512-VBMI, or AVX2 with FMA");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
-  TORCH_CHECK(x.dim() == 2 && sz.dim() == 4 && sz.size(2) == 64 && sz.size(3) == 2 && sz.is_contiguous(),
-              "x [M, K], sz [N/64, G, 64, 2]");
-  const int64_t M = x.size(0), K = x.size(1), N = sz.size(0) * 64;
+  TORCH_CHECK(x.dim() == 2 && sz.dim() == 4 && sz.size(2) == B && sz.size(3) == 2 && sz.is_contiguous(),
+              "x [M, K], sz [N/", B, ", G, ", B, ", 2]");
+  const int64_t M = x.size(0), K = x.size(1), N = sz.size(0) * B;
   TORCH_CHECK(M >= 1 && M <= 8, "gemv_q4: 1-8 rows");
   TORCH_CHECK(gs >= 2 && gs % 2 == 0 && K % gs == 0 && sz.size(1) == K / gs, "gemv_q4: K a multiple of an even group size");
   TORCH_CHECK(packed.numel() == N * K / 2, "gemv_q4: packed must hold N*K/2 bytes");
   x = x.contiguous();
+  auto out = torch::empty({M, N}, x.options());
+  const auto* wp = packed.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
   const int64_t G = K / gs;
   std::vector<float> xsum(M * G, 0.f);
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   for (int64_t i = 0; i < M * G; ++i)
     for (int64_t j = 0; j < gs; ++j) xsum[i] += bf2f(xb[i * gs + j]);
-  auto out = torch::empty({M, N}, x.options());
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-  const auto* wp = packed.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
   const float* xs = xsum.data();
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   switch (M) {
-    case 1: gemv_q4_impl<1, 4>(xp, wp, sp, xs, op, N, K, gs); break;
-    case 2: gemv_q4_impl<2, 4>(xp, wp, sp, xs, op, N, K, gs); break;
-    case 3: gemv_q4_impl<3, 4>(xp, wp, sp, xs, op, N, K, gs); break;
-    case 4: gemv_q4_impl<4, 2>(xp, wp, sp, xs, op, N, K, gs); break;
-    case 5: gemv_q4_impl<5, 2>(xp, wp, sp, xs, op, N, K, gs); break;
-    case 6: gemv_q4_impl<6, 2>(xp, wp, sp, xs, op, N, K, gs); break;
-    case 7: gemv_q4_impl<7, 1>(xp, wp, sp, xs, op, N, K, gs); break;
-    default: gemv_q4_impl<8, 1>(xp, wp, sp, xs, op, N, K, gs); break;
+    case 1: gemv_q4_impl<1, 4>(xb, wp, sp, xs, op, N, K, gs); break;
+    case 2: gemv_q4_impl<2, 4>(xb, wp, sp, xs, op, N, K, gs); break;
+    case 3: gemv_q4_impl<3, 4>(xb, wp, sp, xs, op, N, K, gs); break;
+    case 4: gemv_q4_impl<4, 2>(xb, wp, sp, xs, op, N, K, gs); break;
+    case 5: gemv_q4_impl<5, 2>(xb, wp, sp, xs, op, N, K, gs); break;
+    case 6: gemv_q4_impl<6, 2>(xb, wp, sp, xs, op, N, K, gs); break;
+    case 7: gemv_q4_impl<7, 1>(xb, wp, sp, xs, op, N, K, gs); break;
+    default: gemv_q4_impl<8, 1>(xb, wp, sp, xs, op, N, K, gs); break;
   }
-#else
-  TORCH_CHECK(false, "gemv_q4 needs AVX512-BF16 and AVX512-VBMI");
+#elif defined(HERON_GEMV_Q_AVX2)
+  const std::vector<float> xf = widen_bf16(x);
+  const float* xp = xf.data();
+  const int64_t G = K / gs;
+  std::vector<float> xsum(M * G, 0.f);
+  for (int64_t i = 0; i < M * G; ++i)
+    for (int64_t j = 0; j < gs; ++j) xsum[i] += xf[i * gs + j];
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {   // rows of x 4 at a time (each output computed alike)
+    const float* xp0 = xp + m0 * K;
+    const float* xs = xsum.data() + m0 * G;
+    uint16_t* op0 = op + m0 * N;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: gemv_q4_avx2<1>(xp0, xs, wp, sp, op0, N, K, gs); break;
+      case 2: gemv_q4_avx2<2>(xp0, xs, wp, sp, op0, N, K, gs); break;
+      case 3: gemv_q4_avx2<3>(xp0, xs, wp, sp, op0, N, K, gs); break;
+      default: gemv_q4_avx2<4>(xp0, xs, wp, sp, op0, N, K, gs); break;
+    }
+  }
 #endif
   return out;
 }
