@@ -1048,19 +1048,12 @@ inline float hsum8(__m256 v) {
 
 constexpr int64_t kQ8PrefetchRows = 16;
 
-// int8 per output channel, w [N, K] int8 row-major (K a multiple of 8), scales [N] bf16:
-// R weight rows at a time (independent accumulators keep the FMA units busy), M rows of x.
+// acc[m][r] += x[m, k0:k1] * w[r, k0:k1] in lanes of 8 (k1 - k0 a multiple of 8), for R weight
+// rows starting at w0 (row stride K); the rows kQ8PrefetchRows ahead are prefetched when `ahead`.
 template <int M, int R>
-inline void q8_rows_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint16_t* out, int64_t n,
-                         int64_t N, int64_t K, int64_t end) {
-  __m256 acc[M][R];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int8_t* w0 = w + n * K;
-  const bool ahead = n + R + kQ8PrefetchRows <= end;
-  for (int64_t k = 0; k < K; k += 8) {
+inline void q8_dot_avx2(const float* xf, const int8_t* w0, int64_t K, int64_t k0, int64_t k1, bool ahead,
+                        __m256 (&acc)[M][R]) {
+  for (int64_t k = k0; k < k1; k += 8) {
     if (ahead && (k & 63) == 0)
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w0 + (kQ8PrefetchRows + r) * K + k), _MM_HINT_T0);
@@ -1075,6 +1068,19 @@ inline void q8_rows_avx2(const float* xf, const int8_t* w, const uint16_t* scale
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
     }
   }
+}
+
+// int8 per output channel, w [N, K] int8 row-major (K a multiple of 8), scales [N] bf16:
+// R weight rows at a time (independent accumulators keep the FMA units busy), M rows of x.
+template <int M, int R>
+inline void q8_rows_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint16_t* out, int64_t n,
+                         int64_t N, int64_t K, int64_t end) {
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  q8_dot_avx2<M, R>(xf, w + n * K, K, 0, K, n + R + kQ8PrefetchRows <= end, acc);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const float s = bf2f(scales[n + r]);
@@ -1215,21 +1221,7 @@ inline void q8g_rows_avx2(const float* xf, const int8_t* q, const float* sc, flo
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
-      if (ahead && (k & 63) == 0)
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(q0 + (kQ8PrefetchRows + r) * K + k), _MM_HINT_T0);
-      __m256 wv[R];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r)
-        wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q0 + r * K + k))));
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        const __m256 xv = _mm256_loadu_ps(xf + m * K + k);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) part[m][r] = _mm256_fmadd_ps(xv, wv[r], part[m][r]);
-      }
-    }
+    q8_dot_avx2<M, R>(xf, q0, K, g * gs, (g + 1) * gs, ahead, part);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256 s = _mm256_set1_ps(sc[(n + r) * G + g]);
