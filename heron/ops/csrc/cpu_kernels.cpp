@@ -1755,12 +1755,12 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   const auto* wp = packed.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  const int64_t G = K / gs;
-  std::vector<float> xsum(M * G, 0.f);
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const int64_t G = K / gs;
+  std::vector<float> xsum(M * G, 0.f);   // per-group sums of x, both variants' zero-point term
   for (int64_t i = 0; i < M * G; ++i)
     for (int64_t j = 0; j < gs; ++j) xsum[i] += bf2f(xb[i * gs + j]);
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
   const float* xs = xsum.data();
   switch (M) {
     case 1: gemv_q4_impl<1, 4>(xb, wp, sp, xs, op, N, K, gs); break;
@@ -1775,10 +1775,6 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
 #elif defined(HERON_GEMV_Q_AVX2)
   const std::vector<float> xf = widen_bf16(x);
   const float* xp = xf.data();
-  const int64_t G = K / gs;
-  std::vector<float> xsum(M * G, 0.f);
-  for (int64_t i = 0; i < M * G; ++i)
-    for (int64_t j = 0; j < gs; ++j) xsum[i] += xf[i * gs + j];
   for (int64_t m0 = 0; m0 < M; m0 += 4) {   // rows of x 4 at a time (each output computed alike)
     const float* xp0 = xp + m0 * K;
     const float* xs = xsum.data() + m0 * G;
