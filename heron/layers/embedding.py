@@ -62,8 +62,8 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            from heron.quant.apply import LM_HEAD_KERNEL_MAX_ROWS, quantized_linear
-            return quantized_linear(self.quant, hidden, LM_HEAD_KERNEL_MAX_ROWS)
+            from heron.quant.apply import quantized_linear
+            return quantized_linear(self.quant, hidden, lm_head=True)
         w = self.weight
         ops = small_batch_gemv(hidden, w, GEMV_MAX_ROWS)
         if ops is not None:  # a few rows: stream the vocabulary matrix once (memory-bound)

@@ -68,10 +68,10 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            from heron.quant.apply import KERNEL_MAX_ROWS, quantized_linear
-            if self.full_precision is not None and x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
+            from heron.quant.apply import kernel_max_rows, quantized_linear
+            if self.full_precision is not None and x.numel() > kernel_max_rows(self.quant) * x.shape[-1]:
                 return self.full_precision(x)
-            out = quantized_linear(self.quant, x, KERNEL_MAX_ROWS)
+            out = quantized_linear(self.quant, x)
             return out if self.bias is None else out + self.bias
         if self.packed_weight is not None:
             if x.shape[0] <= 3:

@@ -59,10 +59,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D], cos/sin [T, D]."""
-    ops = fused_ops(x)
-    if ops is not None and cos.dtype == torch.bfloat16 and x.stride(-1) == 1:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused_float32: bool = False) -> torch.Tensor:
+    """x [T, H, D], cos/sin [T, D]; `fused_float32`: float32 x through the fused op as well."""
+    ops = fused_ops(x, fused_float32)
+    if ops is not None and cos.dtype == x.dtype and sin.dtype == x.dtype and x.stride(-1) == 1:
         return ops.rope(x, cos, sin)
     cos = cos[:, None, :]
     sin = sin[:, None, :]

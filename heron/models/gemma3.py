@@ -15,6 +15,8 @@ from heron.models.utils import layer_sliding_windows, load_weights
 
 
 class Gemma3Attention(nn.Module):
+    fused_float32 = False   # float32 q/k through the fused rope (quantized models: heron.quant.apply)
+
     def __init__(self, config, sliding_window: int | None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -36,7 +38,7 @@ class Gemma3Attention(nn.Module):
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.fused_float32), apply_rotary(k, cos, sin, self.fused_float32)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, kv_cache, meta)
         return self.o_proj(out)
 

@@ -16,6 +16,8 @@ from heron.runner.attention.base import AttentionMetadata
 
 
 class LlamaAttention(nn.Module):
+    fused_float32 = False   # float32 q/k through the fused rope (quantized models: heron.quant.apply)
+
     def __init__(self, config, sliding_window: int | None, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -38,7 +40,7 @@ class LlamaAttention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.fused_float32), apply_rotary(k, cos, sin, self.fused_float32)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, kv_cache, meta)
         return self.o_proj(out)
 

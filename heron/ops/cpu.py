@@ -114,11 +114,13 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
     return None if mod is None else mod.argmax_rows(logits)
 
 
-def fused_ops(x: torch.Tensor):
-    """The kernels module when `x` can take the fused bf16 CPU ops (rms_norm, act_and_mul,
-    rope), else None. They reproduce torch's bf16 rounding steps; float32 models keep the plain
-    torch expressions, which match HF's bit for bit."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or _disabled:
+def fused_ops(x: torch.Tensor, float32: bool = False):
+    """The kernels module when `x` can take the fused CPU ops, else None: bf16 x (rms_norm,
+    act_and_mul, rope, reproducing torch's bf16 rounding steps), or float32 x when `float32` is
+    set (rms_norm, rope). float32 models keep the plain torch expressions, which match HF's bit
+    for bit; quantized ones, which have no such reference, set `float32` (a decode step of the
+    default model then makes ~200 fewer small torch calls)."""
+    if x.device.type != "cpu" or _disabled or not (x.dtype == torch.bfloat16 or float32 and x.dtype == torch.float32):
         return None
     return load_kernel()
 

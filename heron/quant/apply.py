@@ -15,12 +15,23 @@ is kept once, quantized. `--quantization-lm-head int8|int4` gives the LM head a 
 gets the closest of these formats, decoded from the file's blocks (Q4_0/Q4_1/Q4_K exactly into
 int4 group 32; 5-bit and up re-quantized to int8 per channel).
 
-The rule per batch size: those kernels stream the packed weight once per call, which wins
-while a step has few rows (1 row: int4 4.7x and int8 2x faster than bf16 on the LM head) and
-loses badly beyond (64 rows: 3-5x slower than bf16's blocked matmul). So a call with at most
-KERNEL_MAX_ROWS rows (8 for the LM head) runs the quantized kernel, and a larger one (prefill
-chunks, big decode batches) dequantizes the weight to the model dtype and runs the ordinary
-matmul; nothing but the quantized weight stays resident.
+The rule per batch size: those kernels stream the packed weight once per pass (a pass takes up
+to 4-16 rows), which wins while a step has few rows (1 row: int4 4.7x and int8 2x faster than
+bf16 on the LM head); with many rows the other way, dequantizing the weight to the model dtype
+and running the ordinary matmul, wins once the matmul's speed pays for the dequantization. So a
+call with at most `kernel_max_rows()` rows runs the kernel (in passes), and a larger one
+(prefill chunks, big decode batches) dequantizes; nothing but the quantized weight stays
+resident. Where the limit lies depends on the CPU:
+- AVX512-BF16 / AMX (oneDNN's bf16 matmul is fast): 4 rows for the linear layers, where the
+  packed kernels were measured 3-5x slower than bf16's blocked matmul at 64 rows.
+- CPUs without (AVX2): float32 matmuls run at about the kernels' own rate, so the kernel's
+  passes win up to 128 rows for int4 and 64 for int8 (measured on a Zen 3 VM, 4096 x 640 int4:
+  128 rows 8.7 ms against 15.5 ms dequantize + matmul).
+- The LM head (262k x 640 for Gemma 3), on every CPU: up to 256 rows. Dequantizing its 168M
+  weights costs ~1.1 s (int4) / 0.6 s (int8) a call on the Zen 3 VM, against 85 ms for 16 rows
+  in kernel passes (measured there; on the AVX-512 VMs the same order of costs is expected, not
+  timed). Only decode and verification rows reach it.
+A self-draft (heron.spec) borrows full-precision layers for its calls above the limit.
 
 `w8a8` (heron.quant.w8a8) is for the large calls instead: int8 weights per output channel and
 activations quantized per token at run time, multiplied as integers by oneDNN (VNNI/AMX-INT8);
@@ -37,14 +48,36 @@ logger = logging.getLogger(__name__)
 
 from heron.quant.weight_only import INT4_GROUP_SIZES, INT8_GROUP_SIZES, METHODS
 
-KERNEL_MAX_ROWS = 4          # linear layers: quantized kernel up to this many rows
-LM_HEAD_KERNEL_MAX_ROWS = 8  # the LM head (262k x 640 for Gemma 3): the kernel still wins at 8 rows
+KERNEL_MAX_ROWS = 4            # linear layers, CPUs with fast bf16 matmuls (and w8a8 everywhere)
+STREAM_MAX_ROWS = {"int4": 128, "int8": 64}   # linear layers, CPUs without (see the rule above)
+LM_HEAD_KERNEL_MAX_ROWS = 256  # the LM head, every CPU
 
 
-def quantized_linear(qweight, x: torch.Tensor, max_kernel_rows: int) -> torch.Tensor:
+def kernel_max_rows(qweight, lm_head: bool = False) -> int:
+    """The most rows a call on `qweight` runs on the quantized kernel (the rule above)."""
+    if getattr(qweight, "matmul_large", None) is not None:    # w8a8: its integer matmul above 4
+        return KERNEL_MAX_ROWS
+    if lm_head:
+        return LM_HEAD_KERNEL_MAX_ROWS
+    if _fast_bf16_matmul():
+        return KERNEL_MAX_ROWS
+    return STREAM_MAX_ROWS.get(getattr(qweight, "method", ""), KERNEL_MAX_ROWS)
+
+
+_FAST_BF16: list[bool] = []
+
+
+def _fast_bf16_matmul() -> bool:
+    if not _FAST_BF16:
+        from heron.config import cpu_has_fast_bf16
+        _FAST_BF16.append(cpu_has_fast_bf16())
+    return _FAST_BF16[0]
+
+
+def quantized_linear(qweight, x: torch.Tensor, lm_head: bool = False) -> torch.Tensor:
     """x @ W^T for a quantized W, by the rule above."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows <= max_kernel_rows:
+    if rows <= kernel_max_rows(qweight, lm_head):
         return qweight.matmul(x)
     large = getattr(qweight, "matmul_large", None)       # w8a8: an integer matmul
     if large is not None:
@@ -136,6 +169,19 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=N
     logger.info("quantized %d layers to %s: %.0f MB -> %.0f MB", layers, method, before / 1e6, after / 1e6)
     _release_freed_memory()
     return dict(layers=layers, bytes_before=before, bytes_after=after)
+
+
+def use_fused_float32(model: nn.Module) -> int:
+    """Let a quantized model's norms and rotary embeddings run heron's fused C++ ops on float32
+    activations too (the default dtype on CPUs without fast bf16): their float32 results are not
+    bit-identical to torch's expressions, which only matters where HF's float32 outputs are the
+    reference, and a quantized model has none. Returns the number of modules switched."""
+    n = 0
+    for module in model.modules():
+        if hasattr(type(module), "fused_float32"):
+            module.fused_float32 = True
+            n += 1
+    return n
 
 
 def _release_freed_memory() -> None:

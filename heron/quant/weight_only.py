@@ -435,14 +435,18 @@ class QuantizedWeight:
         rounded to bf16 first and the result cast back to x.dtype."""
         fast = self._fast
         if (fast is not None and type(x) is torch.Tensor and x.dim() == 2 and x.shape[1] == self.in_features
-                and 0 < x.shape[0] <= fast[1] and x.is_cpu and x.dtype in _FAST_DTYPES):
-            # the common decode call, without the general path's checks and reshapes
+                and x.shape[0] > 0 and x.is_cpu and x.dtype in _FAST_DTYPES):
+            # the common decode call, without the general path's checks and reshapes; more rows
+            # than the kernel takes run as several passes over the weight (each output row is
+            # computed the same way in any pass)
             xb = x.to(_KERNEL_DTYPE)
-            if fast[0] == "gemv_q8":
-                out = _OPS[0].gemv_q8(xb, self.qweight, self.scales)
-            else:
-                out = _OPS[0].gemv_q4(xb, self.qweight, self.scales, self.group_size)
-            return out.to(x.dtype)
+            rows, most = x.shape[0], fast[1]
+            if rows <= most:
+                return self._fast_call(fast[0], xb).to(x.dtype)
+            out = torch.empty(rows, self.out_features, dtype=x.dtype)
+            for r0 in range(0, rows, most):
+                out[r0: r0 + most] = self._fast_call(fast[0], xb[r0: r0 + most])
+            return out
         if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"QuantizedWeight.matmul: x must be bfloat16, float32 or float16, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -474,6 +478,11 @@ class QuantizedWeight:
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
     __call__ = matmul
+
+    def _fast_call(self, kernel: str, xb: torch.Tensor) -> torch.Tensor:
+        if kernel == "gemv_q8":
+            return _OPS[0].gemv_q8(xb, self.qweight, self.scales)
+        return _OPS[0].gemv_q4(xb, self.qweight, self.scales, self.group_size)
 
     def _int8_group_values(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Group-wise int8 rows: codes [R, K] times their scales [R, K/g], in float32."""

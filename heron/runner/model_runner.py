@@ -76,6 +76,9 @@ class ModelRunner:
             from heron.quant.apply import quantize_model
             self.quant_summary = quantize_model(self.model, config.quantization, config.quantization_group_size,
                                                 source=config.model, lm_head=config.quantization_lm_head)
+        if config.quantization is not None or ckpt is not None:
+            from heron.quant.apply import use_fused_float32
+            use_fused_float32(self.model)
         for module in self.model.modules():
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()

@@ -13,7 +13,8 @@ from heron import LLM, SamplingParams
 from heron.config import EngineConfig
 from heron.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from heron.layers.linear import LinearBase
-from heron.quant.apply import KERNEL_MAX_ROWS, quantize_model
+import heron.quant.apply as quant_apply
+from heron.quant.apply import KERNEL_MAX_ROWS, kernel_max_rows, quantize_model
 from tests.tiny_models import make_prompts, make_tiny_model
 
 
@@ -56,20 +57,61 @@ def test_layer_rule_per_batch_size(tiny, method, group):
     model = _llm(tiny, quantization=method, quantization_group_size=group).engine.runner.model
     layer = next(m for m in model.modules() if isinstance(m, LinearBase))
     ref_w = layer.quant.dequantize(torch.bfloat16)
-    for rows in (1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 40):
+    limit = kernel_max_rows(layer.quant)
+    for rows in (1, limit, limit + 1, limit + 36):
         x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
         got = layer(x).float()
         want = F.linear(x.float(), ref_w.float())
-        if rows > KERNEL_MAX_ROWS:   # the dequantized weight through the ordinary matmul
+        if rows > limit:   # the dequantized weight through the ordinary matmul
             assert torch.equal(layer(x), F.linear(x, ref_w))
-        tol = 2 ** -7 * want.abs() + 2 ** -10 * (x.float().abs() @ ref_w.float().abs().t())
+        else:              # the kernel, in passes
+            assert torch.equal(layer(x), layer.quant.matmul(x))
+        # (the reference's weights are rounded to bf16, up to 2^-9 of each: the kernel's are not)
+        tol = 2 ** -7 * want.abs() + 2 ** -8 * (x.float().abs() @ ref_w.float().abs().t())
         assert (got - want).abs().le(tol).all(), rows
 
 
+def test_rule_per_cpu(monkeypatch):
+    """Kernel passes up to 4 rows where bf16 matmuls are fast, up to 128 (int4) / 64 (int8) rows
+    elsewhere; the LM head up to 256 rows everywhere; w8a8 hands more than 4 to its integer matmul."""
+    from heron.quant.w8a8 import W8A8Weight
+    from heron.quant.weight_only import quantize
+    w = torch.randn(64, 64)
+    q4, q8, w8a8 = quantize(w, "int4", 32), quantize(w, "int8"), W8A8Weight.quantize(w, None)
+    for fast_bf16, want in ((True, (4, 4)), (False, (128, 64))):
+        monkeypatch.setattr(quant_apply, "_FAST_BF16", [fast_bf16])
+        assert (kernel_max_rows(q4), kernel_max_rows(q8)) == want
+        assert kernel_max_rows(q4, lm_head=True) == kernel_max_rows(q8, lm_head=True) == 256
+        assert kernel_max_rows(w8a8) == kernel_max_rows(w8a8, lm_head=True) == 4
+
+
+def test_quantized_models_fuse_float32_norms_and_rope(tiny):
+    """A quantized float32 model runs its norms and rope through the fused float32 ops (an
+    unquantized one keeps torch's expressions, which match HF bit for bit); the outputs are
+    those of the unfused model up to float32 rounding."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    prompt = make_prompts()[3]
+    plain = LLM(model=str(tiny), dtype="float32", load_progress=False, enable_prefix_caching=False)
+    assert not any(getattr(m, "fused_float32", False) for m in plain.engine.runner.model.modules())
+    q = LLM(model=str(tiny), dtype="float32", load_progress=False, enable_prefix_caching=False, quantization="int8")
+    flagged = [m for m in q.engine.runner.model.modules() if hasattr(type(m), "fused_float32")]
+    assert flagged and all(m.fused_float32 for m in flagged)
+    a = q.generate([prompt], params, use_tqdm=False)[0]
+    for m in flagged:
+        m.fused_float32 = False
+    b = q.generate([prompt], params, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    pa = torch.tensor([next(iter(e.values())).logprob for e in a.prompt_logprobs[1:]])
+    pb = torch.tensor([next(iter(e.values())).logprob for e in b.prompt_logprobs[1:]])
+    assert (pa - pb).abs().max() < 1e-3
+
+
 @pytest.mark.parametrize("method,group", FORMATS)
-def test_engine_equals_dequantized_weights(tiny, method, group):
-    """Prefill (many rows: dequantized weights) is exactly the bf16 engine with those weights;
-    decode (one row: the packed kernel) agrees within bf16 rounding."""
+def test_engine_equals_dequantized_weights(tiny, method, group, monkeypatch):
+    """Prefill (many rows: dequantized weights, with the rule pinned to one kernel row) is
+    exactly the bf16 engine with those weights; decode (one row: the packed kernel) agrees
+    within bf16 rounding."""
+    monkeypatch.setattr(quant_apply, "kernel_max_rows", lambda qweight, lm_head=False: 1)
     prompt = make_prompts()[3]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0, logprobs=0)
     q = _llm(tiny, quantization=method, quantization_group_size=group)
@@ -267,9 +309,11 @@ def test_gguf_layers_hold_the_files_types(tiny_ggufs, arch, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("arch,lm_head", [("gemma3", "auto"), ("gemma3", "int4"), ("llama", "auto")])
 def test_gguf_engine_equals_dequantized_weights(tiny_ggufs, arch, lm_head, tmp_path, monkeypatch):
-    """As for int8/int4: prefill (dequantized weights through the ordinary matmul) equals a bf16
-    engine holding those weights exactly; the first decode step (packed kernels) agrees."""
+    """As for int8/int4: prefill (dequantized weights through the ordinary matmul, the rule
+    pinned to one kernel row) equals a bf16 engine holding those weights exactly; the first
+    decode step (packed kernels) agrees."""
     monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(quant_apply, "kernel_max_rows", lambda qweight, lm_head=False: 1)
     g = torch.Generator().manual_seed(3)
     prompt = [1] + torch.randint(3, 96, (40,), generator=g).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0, logprobs=0)

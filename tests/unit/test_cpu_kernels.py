@@ -94,6 +94,52 @@ def test_fused_ops_reject_other_dtypes():
     ops = load_kernel()
     with pytest.raises(RuntimeError, match="bfloat16"):
         ops.act_and_mul(torch.zeros(2, 4), True)
+    with pytest.raises(RuntimeError, match="float32 weight"):
+        ops.rms_norm(torch.zeros(2, 4), torch.zeros(4, dtype=torch.bfloat16), 1e-6, True, None)
+    with pytest.raises(RuntimeError, match="float32 cos"):
+        ops.rope(torch.zeros(2, 1, 4), torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.rms_norm(torch.zeros(2, 4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16), 1e-6, True, None)
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (37, 640), (5, 4, 256), (3, 40)])
+def test_fused_float32_rms_norm_and_rope_when_asked(shape, monkeypatch):
+    """float32 activations take the fused norm / rope only when the layer says so (quantized
+    models); the results are torch's expressions up to float32 summation order."""
+    import heron.layers.norm as norm_mod
+    from heron.layers.norm import GemmaRMSNorm, RMSNorm
+    from heron.layers.rotary import _rotate_half, apply_rotary
+    calls = []
+
+    class Spy:   # the kernels module, counting rms_norm calls
+        def __getattr__(self, name):
+            if name == "rms_norm":
+                calls.append(name)
+            return getattr(load_kernel(), name)
+
+    monkeypatch.setattr(norm_mod, "fused_ops", lambda x, f32=False: Spy() if load_kernel() and (
+        x.dtype == torch.bfloat16 or f32) else None)
+    g = torch.Generator().manual_seed(7)
+    x, res = torch.randn(*shape, generator=g) * 3.0, torch.randn(*shape, generator=g)
+    for cls, gemma in ((GemmaRMSNorm, True), (RMSNorm, False)):
+        norm = cls(shape[-1], 1e-6)
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ref = h * (1.0 + norm.weight) if gemma else norm.weight * h
+        assert torch.equal(norm(x), ref) and not calls     # unset: torch's expression, bit for bit
+        norm.fused_float32 = True
+        torch.testing.assert_close(norm(x), ref, rtol=1e-5, atol=1e-6)
+        assert calls == ["rms_norm"]
+        if gemma:
+            torch.testing.assert_close(norm(x, residual=res), res + ref, rtol=1e-5, atol=1e-5)
+        calls.clear()
+    if len(shape) == 3:
+        t, hds, d = shape
+        cos, sin = torch.randn(t, d, generator=g), torch.randn(t, d, generator=g)
+        want = x * cos[:, None] + _rotate_half(x) * sin[:, None]
+        torch.testing.assert_close(apply_rotary(x, cos, sin, fused_float32=True), want, rtol=1e-5, atol=1e-5)
+        strided = torch.cat([x, x], dim=-1)[..., :d]
+        torch.testing.assert_close(apply_rotary(strided, cos, sin, fused_float32=True), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 16])

@@ -383,6 +383,24 @@ def test_gemv_kernels_take_small_calls_and_match(method, gs, rows, n, k):
     assert torch.equal(qw.matmul(x[m - 1: m]), direct[m - 1: m])
 
 
+@pytest.mark.parametrize("method,gs", [("int8", None), ("int4", 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_more_rows_than_a_kernel_pass_run_as_several_passes(method, gs, dtype):
+    """A call of more rows than one kernel pass takes (heron.quant.apply lets up to 256 through
+    on some CPUs) runs pass after pass over the weight: each row's result is exactly what that row
+    alone gets."""
+    _kernels_or_skip()
+    qw = quantize(_weight(96, 256, seed=3), method, gs)
+    assert qw._fast is not None
+    most = qw._fast[1]
+    x = _x((3 * most + 1, 256), dtype=dtype, seed=4)
+    got = qw.matmul(x)
+    assert got.dtype == dtype and got.shape == (3 * most + 1, 96)
+    for r in (0, most - 1, most, 2 * most + 3, 3 * most):
+        assert torch.equal(got[r: r + 1], qw.matmul(x[r: r + 1])), r
+    _assert_matches_dequantized(qw, x.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("method,gs", [("int4", 32), ("int4", 64), ("int8", None)])
 def test_avx2_gemv_kernels_read_every_weight_right(method, gs):
     """The AVX2 variants read each code and scale where dequantize() does: with x one-hot in

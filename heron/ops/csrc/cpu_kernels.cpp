@@ -865,6 +865,56 @@ void rope_bf16(const uint16_t* src, uint16_t* x, const uint16_t* cos, const uint
 }
 
 
+// ---- the same three ops on float32 activations (quantized models only: see heron/ops/cpu.py) -----
+// Not bit-identical to torch's float32 expressions (the sum of squares is added in another
+// order), which is why float32 models without quantization keep torch's.
+
+// out = norm(x) * wf (+ residual); wf = 1 + w (gemma) or w
+void rms_norm_f32(const float* x, const float* w, const float* res, float* out, int64_t R, int64_t D, float eps,
+                  bool gemma) {
+  std::vector<float> wf(D);
+  for (int64_t d = 0; d < D; ++d) wf[d] = gemma ? 1.0f + w[d] : w[d];
+  const float* wp = wf.data();
+  at::parallel_for(0, R, rows_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = x + r * D;
+      float* o = out + r * D;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+      if (res) {
+        const float* rr = res + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] = rr[d] + (xr[d] * inv) * wp[d];
+      } else {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] = (xr[d] * inv) * wp[d];
+      }
+    }
+  });
+}
+
+// x [T, H, D] (strided rows of D) -> out contiguous, NEOX layout: x*cos + rotate_half(x)*sin
+void rope_f32(const float* src, float* out, const float* cos, const float* sin, int64_t T, int64_t H, int64_t D,
+              int64_t token_stride, int64_t head_stride) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T, rows_grain(H * D), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + t * D;
+      const float* s = sin + t * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* v = src + t * token_stride + h * head_stride;
+        float* o = out + (t * H + h) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < half; ++d) o[d] = v[d] * c[d] - v[d + half] * s[d];
+#pragma omp simd
+        for (int64_t d = half; d < D; ++d) o[d] = v[d] * c[d] + v[d - half] * s[d];
+      }
+    }
+  });
+}
+
 // ---- small-batch bf16 GEMV: out[m, n] = x[m] . w[n] (+ bias[n]) for a few rows m ---------------
 // Memory-bound at a few rows: the weight is streamed once, split over threads by output rows,
 // one weight row at a time with its chunks loaded once for all rows (x stays in L1);
@@ -1543,25 +1593,35 @@ static void check_bf16(const torch::Tensor& t, const char* name) {
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, bool gemma,
                        c10::optional<torch::Tensor> residual) {
-  check_bf16(x, "x");
-  check_bf16(weight, "weight");
+  // bf16 (torch's rounding steps), or float32 (quantized models)
+  const bool f32 = x.scalar_type() == at::kFloat;
+  if (f32) {
+    TORCH_CHECK(x.device().is_cpu() && weight.scalar_type() == at::kFloat, "rms_norm: float32 x needs a float32 weight");
+  } else {
+    check_bf16(x, "x");
+    check_bf16(weight, "weight");
+  }
   x = x.contiguous();
   const int64_t D = x.size(-1);
   TORCH_CHECK(weight.numel() == D, "weight must have the last dimension's size");
   auto w = weight.contiguous();
   auto out = torch::empty_like(x);
-  const uint16_t* res = nullptr;
   torch::Tensor rc;
   if (residual.has_value()) {
     rc = residual->contiguous();
-    check_bf16(rc, "residual");
+    TORCH_CHECK(rc.scalar_type() == x.scalar_type() && rc.device().is_cpu(), "residual must have x's dtype");
     TORCH_CHECK(rc.sizes() == x.sizes(), "residual must have x's shape");
-    res = reinterpret_cast<const uint16_t*>(rc.data_ptr<c10::BFloat16>());
+  }
+  const int64_t R = x.numel() / std::max<int64_t>(D, 1);
+  if (f32) {
+    rms_norm_f32(x.data_ptr<float>(), w.data_ptr<float>(), rc.defined() ? rc.data_ptr<float>() : nullptr,
+                 out.data_ptr<float>(), R, D, static_cast<float>(eps), gemma);
+    return out;
   }
   rms_norm_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()),
-                reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>()), res,
-                reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), x.numel() / std::max<int64_t>(D, 1), D,
-                static_cast<float>(eps), gemma);
+                reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>()),
+                rc.defined() ? reinterpret_cast<const uint16_t*>(rc.data_ptr<c10::BFloat16>()) : nullptr,
+                reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), R, D, static_cast<float>(eps), gemma);
   return out;
 }
 
@@ -1580,16 +1640,28 @@ torch::Tensor act_and_mul(torch::Tensor x, bool gelu_tanh) {
 }
 
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  // x [T, H, D] with contiguous rows of D (any token/head strides); returns a new contiguous tensor
-  check_bf16(x, "x");
-  check_bf16(cos, "cos");
-  check_bf16(sin, "sin");
+  // x [T, H, D] with contiguous rows of D (any token/head strides); returns a new contiguous tensor.
+  // bf16 (torch's rounding steps), or float32 (quantized models)
+  const bool f32 = x.scalar_type() == at::kFloat;
+  if (f32) {
+    TORCH_CHECK(x.device().is_cpu() && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+                "rope: float32 x needs float32 cos/sin");
+  } else {
+    check_bf16(x, "x");
+    check_bf16(cos, "cos");
+    check_bf16(sin, "sin");
+  }
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
               sin.sizes() == cos.sizes() && x.size(2) % 2 == 0, "x [T, H, D], cos/sin [T, D]");
   TORCH_CHECK(x.stride(2) == 1, "x: rows of D must be contiguous");
   auto out = torch::empty(x.sizes(), x.options());
   auto c = cos.contiguous(), s = sin.contiguous();
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  if (f32) {
+    rope_f32(x.data_ptr<float>(), out.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), T, H, D,
+             x.stride(0), x.stride(1));
+    return out;
+  }
   rope_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()),
             reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()),
             reinterpret_cast<const uint16_t*>(c.data_ptr<c10::BFloat16>()),
