@@ -93,7 +93,7 @@ INT8_GROUP_SIZES = (16, 32, 64, 128, 256)  # group-wise int8 (heron's gemv_q8g t
 
 _KERNEL_DTYPE = torch.bfloat16
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
-_FAST_DTYPES = (torch.bfloat16, torch.float32)   # matmul's shortcut (float32: rounded to bf16 and back)
+_FAST_DTYPES = (torch.bfloat16, torch.float32)   # matmul's shortcut (float32: rounded to bf16 in the kernel)
 _INT8_K_MULTIPLE = 16   # the bf16 int8 kernel steps K by 16 with aligned loads
 _INT8_X_ALIGN = 32      # bytes: _mm256_load_si256 on x rows
 _INT4_N_MULTIPLE = 16   # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
@@ -439,13 +439,13 @@ class QuantizedWeight:
             # the common decode call, without the general path's checks and reshapes; more rows
             # than the kernel takes run as several passes over the weight (each output row is
             # computed the same way in any pass)
-            xb = x.to(_KERNEL_DTYPE)
+            # (the kernels round float32 x to bf16 themselves and return float32 then)
             rows, most = x.shape[0], fast[1]
             if rows <= most:
-                return self._fast_call(fast[0], xb).to(x.dtype)
+                return self._fast_call(fast[0], x)
             out = torch.empty(rows, self.out_features, dtype=x.dtype)
             for r0 in range(0, rows, most):
-                out[r0: r0 + most] = self._fast_call(fast[0], xb[r0: r0 + most])
+                out[r0: r0 + most] = self._fast_call(fast[0], x[r0: r0 + most])
             return out
         if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"QuantizedWeight.matmul: x must be bfloat16, float32 or float16, got "

@@ -87,6 +87,29 @@ def test_decode_block_sizes(backend, dtype, tol, bs, window):
                                    atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("seq_len,window,hkv", [(300, None, 1), (300, 100, 1), (70, None, 1), (129, None, 2)])
+def test_single_stream_decode_split_over_threads(threads, seq_len, window, hkv):
+    """The portable kernel (float32 here) splits one stream's keys into spans of whole blocks when
+    there are fewer (request, kv head) items than threads, and merges the spans: the same
+    attention, whichever number of spans (1 thread: none)."""
+    be = get_attention_backend("cpu")
+    kv, tables, q, contexts = _make_case(torch.float32, 4, hkv, 64, window, [seq_len], seed=threads)
+    spec = AttentionSpec(4, hkv, 64, 64 ** -0.5, window)
+    meta = AttentionMetadata(block_size=16, slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=1,
+                             decode_block_tables=tables, decode_seq_lens=torch.tensor([seq_len]),
+                             prefill_query_starts=[], prefill_query_lens=[], prefill_context_lens=[],
+                             prefill_block_tables=[], backend=be)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = be._decode(spec, q, kv, meta)
+    finally:
+        torch.set_num_threads(before)
+    keys, values = contexts[0]
+    torch.testing.assert_close(out[0], _reference(q[0], keys, values, spec.scale, window), atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="available: auto, torch, cpu"):
         get_attention_backend("flash")

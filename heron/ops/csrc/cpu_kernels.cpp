@@ -72,19 +72,39 @@ inline void finish_row(const PartOut& part, T* out, int64_t row, const float* ac
   }
 }
 
+// Each (request, kv head) item is one task; when there are fewer items than threads (one
+// stream decoding), each item's keys are split into up to that many spans of whole blocks, each
+// span's online softmax run as a task of its own, and the spans merged by their maxima and sums.
 template <typename T>
 void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const int64_t* seq_lens, T* out,
                    int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t num_blocks, int64_t bs,
                    int64_t max_blocks, int64_t window, float scale, PartOut part = PartOut()) {
   const int64_t G = Hq / Hkv;
   const int64_t v_offset = num_blocks * bs * Hkv * D;  // kv[1] starts here
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = B * Hkv;
+  const int64_t threads = at::get_num_threads();
+  // spans per item: 1 unless the items alone leave threads idle (at least 4 blocks a span)
+  int64_t spans = 1;
+  if (items < threads) {
+    int64_t most_blocks = 0;
+    for (int64_t b = 0; b < B; ++b) most_blocks = std::max(most_blocks, (seq_lens[b] + bs - 1) / bs);
+    spans = std::max<int64_t>(1, std::min((threads + items - 1) / items, most_blocks / 4));
+  }
+  // per (item, span): acc [G * D], m [G], l [G]; spans == 1 finishes in place
+  std::vector<float> span_acc(spans > 1 ? items * spans * G * D : 0), span_m(spans > 1 ? items * spans * G : 0),
+      span_l(spans > 1 ? items * spans * G : 0);
+  at::parallel_for(0, items * spans, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), kf(bs * D), vf(D), scores(G * bs), m(G), l(G);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t item = task / spans, span = task % spans;
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t seq_len = seq_lens[b];
       int64_t start = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
       if (part.starts) start = std::max(start, part.starts[b]);
+      // this span's blocks: [blk0, blk1) of the item's [start / bs, ceil(seq_len / bs))
+      const int64_t first = start / bs, last = (seq_len + bs - 1) / bs;
+      const int64_t per = (std::max<int64_t>(last - first, 0) + spans - 1) / spans;
+      const int64_t blk0 = first + span * per, blk1 = std::min(last, blk0 + per);
       for (int64_t g = 0; g < G; ++g) {
         load_row(q + (b * Hq + h * G + g) * D, qf.data() + g * D, D);
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] *= scale;
@@ -93,9 +113,10 @@ void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const i
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t* table = block_tables + b * max_blocks;
-      for (int64_t blk = start / bs; blk * bs < seq_len; ++blk) {
+      for (int64_t blk = blk0; blk < blk1 && blk * bs < seq_len; ++blk) {
         const int64_t t0 = std::max(blk * bs, start), t1 = std::min((blk + 1) * bs, seq_len);
         const int64_t n = t1 - t0;
+        if (n <= 0) continue;
         const int64_t base = ((table[blk] * bs + (t0 - blk * bs)) * Hkv + h) * D;
         for (int64_t t = 0; t < n; ++t) load_row(kv + base + t * Hkv * D, kf.data() + t * D, D);
         for (int64_t g = 0; g < G; ++g) {
@@ -125,9 +146,35 @@ void decode_kernel(const T* q, const T* kv, const int64_t* block_tables, const i
           }
         }
       }
-      for (int64_t g = 0; g < G; ++g) finish_row(part, out, b * Hq + h * G + g, acc.data() + g * D, m[g], l[g], D);
+      if (spans == 1) {
+        for (int64_t g = 0; g < G; ++g) finish_row(part, out, b * Hq + h * G + g, acc.data() + g * D, m[g], l[g], D);
+      } else {
+        std::copy(acc.begin(), acc.end(), span_acc.begin() + task * G * D);
+        std::copy(m.begin(), m.end(), span_m.begin() + task * G);
+        std::copy(l.begin(), l.end(), span_l.begin() + task * G);
+      }
     }
   });
+  if (spans == 1) return;
+  std::vector<float> acc(D);
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b = item / Hkv, h = item % Hkv;
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t sp = 0; sp < spans; ++sp) mx = std::max(mx, span_m[(item * spans + sp) * G + g]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float l = 0.f;
+      for (int64_t sp = 0; sp < spans; ++sp) {
+        const int64_t t = item * spans + sp;
+        if (span_l[t * G + g] <= 0.f) continue;   // an empty span
+        const float c = std::exp(span_m[t * G + g] - mx);
+        l += span_l[t * G + g] * c;
+        const float* a = span_acc.data() + (t * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += a[d] * c;
+      }
+      finish_row(part, out, b * Hq + h * G + g, acc.data(), mx, l, D);
+    }
+  }
 }
 
 
@@ -1758,6 +1805,8 @@ static std::vector<float> widen_bf16(const torch::Tensor& x) {   // x contiguous
 // x [M, K] bf16 (1 <= M <= gemv_q8_max_rows()), w [N, K] int8 (K a multiple of 32), scales [N]
 // bf16 -> [M, N] bf16
 torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
+  // float32 x: rounded to bf16 first, the bf16 result returned as float32 (the same values)
+  if (x.scalar_type() == at::kFloat) return gemv_q8(x.to(at::kBFloat16), w, scales).to(at::kFloat);
   check_bf16(x, "x");
   check_bf16(scales, "scales");
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w: contiguous [N, K] int8");
@@ -1810,7 +1859,10 @@ torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
 
 // x [M, K] bf16 (1 <= M <= 8), packed [N, K/2] uint8 in torch's packed int4 layout for this ISA
 // (blocks of B = gemv_q4_block() rows, N a multiple of B), sz [N/B, K/gs, B, 2] bf16 -> [M, N] bf16
+// (float32 x -> float32 out)
 torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t gs) {
+  // float32 x: rounded to bf16 first, the bf16 result returned as float32 (the same values)
+  if (x.scalar_type() == at::kFloat) return gemv_q4(x.to(at::kBFloat16), packed, sz, gs).to(at::kFloat);
   check_bf16(x, "x");
   check_bf16(sz, "scales_and_zeros");
   const int64_t B = gemv_q4_block();
