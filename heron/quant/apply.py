@@ -51,12 +51,13 @@ from heron.quant.weight_only import INT4_GROUP_SIZES, INT8_GROUP_SIZES, METHODS
 KERNEL_MAX_ROWS = 4            # linear layers, CPUs with fast bf16 matmuls (and w8a8 everywhere)
 STREAM_MAX_ROWS = {"int4": 128, "int8": 64}   # linear layers, CPUs without (see the rule above)
 LM_HEAD_KERNEL_MAX_ROWS = 256  # the LM head, every CPU
+W8A8_LM_HEAD_MAX_ROWS = 8      # a w8a8 LM head: the integer matmul above this
 
 
 def kernel_max_rows(qweight, lm_head: bool = False) -> int:
     """The most rows a call on `qweight` runs on the quantized kernel (the rule above)."""
-    if getattr(qweight, "matmul_large", None) is not None:    # w8a8: its integer matmul above 4
-        return KERNEL_MAX_ROWS
+    if getattr(qweight, "matmul_large", None) is not None:    # w8a8: its integer matmul above 4 (8)
+        return W8A8_LM_HEAD_MAX_ROWS if lm_head else KERNEL_MAX_ROWS
     if lm_head:
         return LM_HEAD_KERNEL_MAX_ROWS
     if _fast_bf16_matmul():
