@@ -890,29 +890,33 @@ void act_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t R, int64_t F, bo
   });
 }
 
-// x [T, H, D] (rows of D may be strided by row_stride) rotated in place, NEOX layout:
-// x*cos + rotate_half(x)*sin with both products and the sum rounded to bf16
-void rope_bf16(const uint16_t* src, uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t T, int64_t H,
-               int64_t D, int64_t token_stride, int64_t head_stride) {
-  const int64_t half = D / 2;
+// The rows of a rope's x [T, H, D] (rows of D contiguous, tokens and heads strided), each
+// rotated into its row of a contiguous out by row(v, o, cos row, sin row).
+template <typename E, typename RowFn>
+inline void rope_rows(const E* src, E* out, const E* cos, const E* sin, int64_t T, int64_t H, int64_t D,
+                      int64_t token_stride, int64_t head_stride, RowFn row) {
   at::parallel_for(0, T, rows_grain(H * D), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const uint16_t* c = cos + t * D;
-      const uint16_t* s = sin + t * D;
-      for (int64_t h = 0; h < H; ++h) {
-        const uint16_t* v = src + t * token_stride + h * head_stride;
-        uint16_t* o = x + (t * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const float rot = d < half ? -bf2f(v[d + half]) : bf2f(v[d - half]);
-          o[d] = f2bf(round_bf(bf2f(v[d]) * bf2f(c[d])) + round_bf(rot * bf2f(s[d])));
-        }
-      }
-    }
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        row(src + t * token_stride + h * head_stride, out + (t * H + h) * D, cos + t * D, sin + t * D);
   });
 }
 
+// NEOX layout: x*cos + rotate_half(x)*sin with both products and the sum rounded to bf16
+void rope_bf16(const uint16_t* src, uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t T, int64_t H,
+               int64_t D, int64_t token_stride, int64_t head_stride) {
+  const int64_t half = D / 2;
+  rope_rows(src, x, cos, sin, T, H, D, token_stride, head_stride,
+            [&](const uint16_t* v, uint16_t* o, const uint16_t* c, const uint16_t* s) {
+              for (int64_t d = 0; d < D; ++d) {
+                const float rot = d < half ? -bf2f(v[d + half]) : bf2f(v[d - half]);
+                o[d] = f2bf(round_bf(bf2f(v[d]) * bf2f(c[d])) + round_bf(rot * bf2f(s[d])));
+              }
+            });
+}
 
-// ---- the same three ops on float32 activations (quantized models only: see heron/ops/cpu.py) -----
+
+// ---- rms_norm and rope on float32 activations (quantized models only: see heron/ops/cpu.py) ----
 // Not bit-identical to torch's float32 expressions (the sum of squares is added in another
 // order), which is why float32 models without quantization keep torch's.
 
@@ -942,24 +946,17 @@ void rms_norm_f32(const float* x, const float* w, const float* res, float* out, 
   });
 }
 
-// x [T, H, D] (strided rows of D) -> out contiguous, NEOX layout: x*cos + rotate_half(x)*sin
+// NEOX layout in float32: x*cos + rotate_half(x)*sin
 void rope_f32(const float* src, float* out, const float* cos, const float* sin, int64_t T, int64_t H, int64_t D,
               int64_t token_stride, int64_t head_stride) {
   const int64_t half = D / 2;
-  at::parallel_for(0, T, rows_grain(H * D), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos + t * D;
-      const float* s = sin + t * D;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* v = src + t * token_stride + h * head_stride;
-        float* o = out + (t * H + h) * D;
+  rope_rows(src, out, cos, sin, T, H, D, token_stride, head_stride,
+            [&](const float* v, float* o, const float* c, const float* s) {
 #pragma omp simd
-        for (int64_t d = 0; d < half; ++d) o[d] = v[d] * c[d] - v[d + half] * s[d];
+              for (int64_t d = 0; d < half; ++d) o[d] = v[d] * c[d] - v[d + half] * s[d];
 #pragma omp simd
-        for (int64_t d = half; d < D; ++d) o[d] = v[d] * c[d] + v[d - half] * s[d];
-      }
-    }
-  });
+              for (int64_t d = half; d < D; ++d) o[d] = v[d] * c[d] + v[d - half] * s[d];
+            });
 }
 
 // ---- small-batch bf16 GEMV: out[m, n] = x[m] . w[n] (+ bias[n]) for a few rows m ---------------
