@@ -31,7 +31,8 @@ resident. Where the limit lies depends on the CPU:
   weights costs ~1.1 s (int4) / 0.6 s (int8) a call on the Zen 3 VM, against 85 ms for 16 rows
   in kernel passes (measured there; on the AVX-512 VMs the same order of costs is expected, not
   timed). Only decode and verification rows reach it.
-A self-draft (heron.spec) borrows full-precision layers for its calls above the limit.
+A self-draft (heron.spec) borrows full-precision layers for its calls above the limit. Blocked
+int4 weights (heron's GEMV layout) dequantize in C++ (`dequant_q4`), the others with torch ops.
 
 `w8a8` (heron.quant.w8a8) is for the large calls instead: int8 weights per output channel and
 activations quantized per token at run time, multiplied as integers by oneDNN (VNNI/AMX-INT8);

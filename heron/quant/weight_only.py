@@ -517,6 +517,11 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weights [N, K] the kernel multiplies by (computed in fp32, then cast to `dtype`)."""
         n, k = self.out_features, self.in_features
+        if self.blocked and dtype in (torch.float32, torch.bfloat16) and _OPS:
+            # heron's C++ loop over the blocked int4 layout: the same values, several times
+            # faster than the torch ops of _dequantize_int4_torch (which took a third of a
+            # quantized prefill's time on AVX2)
+            return _OPS[0].dequant_q4(self.qweight, self.scales, self.group_size, n, dtype == torch.bfloat16)
         out = torch.empty(n, k, dtype=dtype)
         if self.method == "int8" and self.group_size is not None:
             for r0 in range(0, n, _ROW_CHUNK):
@@ -533,7 +538,10 @@ class QuantizedWeight:
                 r1 = min(n, r0 + _ROW_CHUNK)
                 out[r0:r1] = self.qweight[r0:r1, :k].float() * s[r0:r1, None]
             return out
-        g = self.group_size
+        return self._dequantize_int4_torch(out)
+
+    def _dequantize_int4_torch(self, out: torch.Tensor) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
         for r0, r1, codes in self._int4_codes():
             sz = self.group_scales(r0, r1).float()                        # [G, R, 2]
             s, zk = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # [R, G, 1]

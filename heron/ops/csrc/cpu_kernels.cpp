@@ -1854,6 +1854,46 @@ torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
   return out;
 }
 
+// The weight [n, K] of a blocked int4 layout (gemv_q4's: blocks of B rows stored as [K, B/2]
+// bytes, byte j of input k holding row j in its low nibble and row j + B/2 in its high one;
+// sz [N/B, K/gs, B, 2] bf16 (scale, zero)): w = (q - 8) * scale + zero in float32 ((q - 8) *
+// scale is exact, so one rounding), as float32 or rounded once more to bf16. For calls of many
+// rows, which multiply the dequantized weight (heron.quant.apply).
+torch::Tensor dequant_q4(torch::Tensor packed, torch::Tensor sz, int64_t gs, int64_t n, bool to_bf16) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
+  check_bf16(sz, "scales_and_zeros");
+  TORCH_CHECK(sz.dim() == 4 && sz.size(3) == 2 && sz.is_contiguous() && sz.size(2) % 2 == 0,
+              "sz [N/B, G, B, 2] contiguous");
+  const int64_t NB = sz.size(0), G = sz.size(1), B = sz.size(2), K = G * gs, half = B / 2;
+  TORCH_CHECK(gs > 0 && packed.numel() == NB * B * K / 2, "packed must hold N*K/2 bytes");
+  TORCH_CHECK(n >= 0 && n <= NB * B, "n: at most the padded rows");
+  auto out = torch::empty({n, K}, packed.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint16_t* zs = reinterpret_cast<const uint16_t*>(sz.data_ptr<c10::BFloat16>());
+  float* of = to_bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* ob = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()) : nullptr;
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> row(K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = w + b * K * half;
+      for (int64_t r = 0; r < B && b * B + r < n; ++r) {
+        const int64_t j = r % half;
+        const int shift = r < half ? 0 : 4;
+        for (int64_t g = 0; g < G; ++g) {
+          const uint16_t* p = zs + ((b * G + g) * B + r) * 2;
+          const float sc = bf2f(p[0]), zero = bf2f(p[1]);
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
+            row[k] = static_cast<float>(((wb[k * half + j] >> shift) & 15) - 8) * sc + zero;
+        }
+        const int64_t nr = b * B + r;
+        if (of) std::memcpy(of + nr * K, row.data(), K * sizeof(float));
+        else for (int64_t k = 0; k < K; ++k) ob[nr * K + k] = f2bf(row[k]);
+      }
+    }
+  });
+  return out;
+}
+
 // x [M, K] bf16 (1 <= M <= 8), packed [N, K/2] uint8 in torch's packed int4 layout for this ISA
 // (blocks of B = gemv_q4_block() rows, N a multiple of B), sz [N/B, K/gs, B, 2] bf16 -> [M, N] bf16
 // (float32 x -> float32 out)
