@@ -1195,101 +1195,107 @@ void gemv_q8_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint
 
 // int4 in torch's AVX2 packed layout: rows in blocks of 32, a block stored as [K, 16] bytes,
 // byte j of input k holding output row j (low nibble) and row j + 16 (high nibble);
-// sz [N/32, G, 32] (scale, zero) bf16 pairs per block, group and row. A block's rows go in four
-// parts of 8 (one float32 vector each): part p = rows 8p..8p+7, the low nibbles of bytes
-// 0-7 / 8-15 for p = 0 / 1 and the high nibbles for p = 2 / 3. The 16 bytes of an input are
-// broadcast to both halves of a vector and VPSHUFB puts byte r of a part in lane r (one
-// in-lane shuffle serves a part's low and high nibbles; VPMOVSXBD from a register measured
-// ~1.5x slower on Zen 3). Per group, with q the code 0..15 and w = (q - 8) * scale + zero:
+// sz [N/32, G, 32] (scale, zero) bf16 pairs per block, group and row. A block's 16 bytes per
+// input go in two halves of 8 (bytes 0-7 / 8-15 = rows 0-7 and 16-23 / rows 8-15 and 24-31),
+// each spread one byte per float32 lane: the 16 bytes of an input are broadcast to both halves
+// of a vector and VPSHUFB puts byte r of a half in lane r (one in-lane shuffle a half;
+// VPMOVSXBD from a register measured ~1.5x slower on Zen 3). A byte b = 16 h + l is used whole:
+// two FMA chains per half sum x_k * b and x_k * l (the low nibble, b & 15), and the high
+// nibbles' sum is (sum x b - sum x l) / 16 -- one conversion of the byte and one of its low
+// nibble instead of a shift, two masks and two conversions. The products of a bf16 x and an
+// integer below 256 are exact in float32. Per group, with q the code 0..15 and
+// w = (q - 8) * scale + zero:
 //   sum_k x_k w_k = scale * sum_k x_k q_k + (zero - 8 scale) * sum_k x_k.
-// One pass over a block's codes handles the parts P, P + STEP, ... (4 / STEP of them), so that
+// One pass over a block's codes handles the halves H0, H0 + STEP (2 / STEP of them), so that
 // the accumulators fit in the 16 vector registers. xsum [M, G]: per-group sums of x.
 constexpr int64_t kQ4PrefetchBytesAvx2 = 2048;
 
-template <int M, int P0, int STEP>
+template <int M, int H0, int STEP>
 inline void q4_block_avx2(const float* xf, const float* xsum, const uint8_t* wb, const uint32_t* szb, uint16_t* out,
                           int64_t N, int64_t K, int64_t G, int64_t gs, int64_t row0, bool ahead) {
-  constexpr int S = 4 / STEP;
+  constexpr int S = 2 / STEP;
   const __m256i nib = _mm256_set1_epi32(0x0F);
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m256i idx0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
   const __m256i idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8));   // bytes 8-15 (-1 stays negative)
-  __m256 tot[M][S];
+  __m256 tot[M][S][2];   // [.][.][0]: rows of the low nibbles, [.][.][1]: of the high ones
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < S; ++j) tot[m][j] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+    for (int j = 0; j < S; ++j) tot[m][j][0] = tot[m][j][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[M][S];
+    __m256 accb[M][S], accl[M][S];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-      for (int j = 0; j < S; ++j) acc[m][j] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+      for (int j = 0; j < S; ++j) accb[m][j] = accl[m][j] = _mm256_setzero_ps();
     for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
       if (ahead && (k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + k * 16 + kQ4PrefetchBytesAvx2), _MM_HINT_T0);
       const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * 16)));
-      const __m256i sh0 = _mm256_shuffle_epi8(bytes, idx0), sh1 = _mm256_shuffle_epi8(bytes, idx1);
-      __m256 wv[S];
-#pragma GCC unroll 4
+      __m256 bv[S], lv[S];
+#pragma GCC unroll 2
       for (int j = 0; j < S; ++j) {
-        const int part = P0 + j * STEP;
-        const __m256i src = (part & 1) ? sh1 : sh0;
-        wv[j] = _mm256_cvtepi32_ps(part >= 2 ? _mm256_and_si256(_mm256_srli_epi32(src, 4), nib) : _mm256_and_si256(src, nib));
+        const __m256i src = _mm256_shuffle_epi8(bytes, (H0 + j * STEP) ? idx1 : idx0);
+        bv[j] = _mm256_cvtepi32_ps(src);
+        lv[j] = _mm256_cvtepi32_ps(_mm256_and_si256(src, nib));
       }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         const __m256 xv = _mm256_broadcast_ss(xf + m * K + k);
-#pragma GCC unroll 4
-        for (int j = 0; j < S; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
+#pragma GCC unroll 2
+        for (int j = 0; j < S; ++j) {
+          accb[m][j] = _mm256_fmadd_ps(xv, bv[j], accb[m][j]);
+          accl[m][j] = _mm256_fmadd_ps(xv, lv[j], accl[m][j]);
+        }
       }
     }
-#pragma GCC unroll 4
-    for (int j = 0; j < S; ++j) {
-      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + g * 32 + (P0 + j * STEP) * 8));
-      const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
-      const __m256 c = _mm256_fnmadd_ps(sc, _mm256_set1_ps(8.f), _mm256_castsi256_ps(_mm256_and_si256(p, hi_mask)));
+#pragma GCC unroll 2
+    for (int j = 0; j < S; ++j)
+#pragma GCC unroll 2
+      for (int hi = 0; hi < 2; ++hi) {
+        const int part = (H0 + j * STEP) + 2 * hi;   // rows 8 part .. 8 part + 7 of the block
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + g * 32 + part * 8));
+        const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+        const __m256 c = _mm256_fnmadd_ps(sc, _mm256_set1_ps(8.f), _mm256_castsi256_ps(_mm256_and_si256(p, hi_mask)));
+        const __m256 scq = hi ? _mm256_mul_ps(sc, _mm256_set1_ps(1.f / 16)) : sc;   // exact: a power of two
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m)
-        tot[m][j] = _mm256_fmadd_ps(acc[m][j], sc, _mm256_fmadd_ps(c, _mm256_set1_ps(xsum[m * G + g]), tot[m][j]));
-    }
+        for (int m = 0; m < M; ++m) {
+          const __m256 sq = hi ? _mm256_sub_ps(accb[m][j], accl[m][j]) : accl[m][j];   // 16 * sum x h, or sum x l
+          tot[m][j][hi] = _mm256_fmadd_ps(sq, scq, _mm256_fmadd_ps(c, _mm256_set1_ps(xsum[m * G + g]), tot[m][j][hi]));
+        }
+      }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < S; ++j) {
-      alignas(32) float v[8];
-      _mm256_store_ps(v, tot[m][j]);
-      uint16_t* o = out + m * N + row0 + (P0 + j * STEP) * 8;
-      for (int r = 0; r < 8; ++r) o[r] = f2bf(v[r]);
-    }
+#pragma GCC unroll 2
+    for (int j = 0; j < S; ++j)
+#pragma GCC unroll 2
+      for (int hi = 0; hi < 2; ++hi) {
+        alignas(32) float v[8];
+        _mm256_store_ps(v, tot[m][j][hi]);
+        uint16_t* o = out + m * N + row0 + ((H0 + j * STEP) + 2 * hi) * 8;
+        for (int r = 0; r < 8; ++r) o[r] = f2bf(v[r]);
+      }
 }
 
 template <int M>
 void gemv_q4_avx2(const float* xf, const float* xsum, const uint8_t* w, const uint32_t* sz, uint16_t* out,
                   int64_t N, int64_t K, int64_t gs) {
   static_assert(M >= 1 && M <= 4, "gemv_q4_avx2: 1-4 rows of x (the wrapper splits larger calls)");
-  constexpr int STEP = M <= 2 ? 1 : 2;   // parts per pass: 4 or 2 (1 measured ~2x slower at 4 rows)
+  constexpr int STEP = M <= 2 ? 1 : 2;   // halves per pass: 2 or 1 (keeps the accumulators in registers)
   const int64_t G = K / gs, blocks = N / 32;
   at::parallel_for(0, blocks * STEP, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / STEP;
-      const int pass = static_cast<int>(item % STEP);
       const uint8_t* wb = w + b * K * 16;
       const uint32_t* szb = sz + b * G * 32;
       const bool ahead = b + 1 < blocks;
       if constexpr (STEP == 1) {
         q4_block_avx2<M, 0, 1>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
-      } else if constexpr (STEP == 2) {
-        if (pass == 0) q4_block_avx2<M, 0, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
-        else q4_block_avx2<M, 1, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
       } else {
-        switch (pass) {
-          case 0: q4_block_avx2<M, 0, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
-          case 1: q4_block_avx2<M, 1, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
-          case 2: q4_block_avx2<M, 2, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
-          default: q4_block_avx2<M, 3, 4>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead); break;
-        }
+        if (item % STEP == 0) q4_block_avx2<M, 0, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
+        else q4_block_avx2<M, 1, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
       }
     }
   });
