@@ -12,10 +12,11 @@ from heron.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, R
 from heron.layers.norm import GemmaRMSNorm
 from heron.layers.rotary import RotaryEmbedding, apply_rotary
 from heron.models.utils import layer_sliding_windows, load_weights
+from heron.ops.cpu import fused_ops
 
 
 class Gemma3Attention(nn.Module):
-    fused_float32 = False   # float32 q/k through the fused rope (quantized models: heron.quant.apply)
+    fused_float32 = False   # float32 q/k norms and rope in one fused op (quantized models: heron.quant.apply)
 
     def __init__(self, config, sliding_window: int | None) -> None:
         super().__init__()
@@ -35,7 +36,15 @@ class Gemma3Attention(nn.Module):
 
     def forward(self, hidden, cos, sin, kv_cache, meta):
         t = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden)
+        ops = fused_ops(qkv, self.fused_float32) if qkv.dtype == torch.float32 else None
+        if ops is not None and qkv.dim() == 2 and cos.dtype == torch.float32:
+            # quantized models, float32: both norms and the rope in one call (the same values)
+            q, k = ops.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps,
+                                    self.num_heads, self.num_kv_heads)
+            v = qkv[:, self.q_size + self.kv_size:]
+            return self.o_proj(self.attn(q.view(t, -1), k.view(t, -1), v, kv_cache, meta))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
         q, k = apply_rotary(q, cos, sin, self.fused_float32), apply_rotary(k, cos, sin, self.fused_float32)

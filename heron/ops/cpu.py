@@ -39,7 +39,7 @@ def cpu_flags() -> str:
 
 
 _FUNCTIONS = ["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm",
-              "act_and_mul", "rope", "gemv", "gemv_supported", "gemv_q8", "gemv_q4", "gemv_q4_supported", "gemv_q8g",
+              "act_and_mul", "rope", "qk_norm_rope", "gemv", "gemv_supported", "gemv_q8", "gemv_q4", "gemv_q4_supported", "gemv_q8g",
               "gemv_q8_max_rows", "gemv_q4_block", "dequant_q4"]
 
 
@@ -117,9 +117,10 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
 def fused_ops(x: torch.Tensor, float32: bool = False):
     """The kernels module when `x` can take the fused CPU ops, else None: bf16 x (rms_norm,
     act_and_mul, rope, reproducing torch's bf16 rounding steps), or float32 x when `float32` is
-    set (rms_norm, rope). float32 models keep the plain torch expressions, which match HF's bit
-    for bit; quantized ones, which have no such reference, set `float32` (a decode step of the
-    default model then makes ~200 fewer small torch calls)."""
+    set (rms_norm, rope, act_and_mul, and Gemma's q/k norms with rope in one call, qk_norm_rope).
+    float32 models keep the plain torch expressions, which match HF's bit for bit; quantized
+    ones, which have no such reference, set `float32` (a decode step of the default model then
+    makes ~300 fewer small torch calls)."""
     if x.device.type != "cpu" or _disabled or not (x.dtype == torch.bfloat16 or float32 and x.dtype == torch.float32):
         return None
     return load_kernel()

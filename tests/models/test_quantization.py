@@ -86,10 +86,22 @@ def test_rule_per_cpu(monkeypatch):
         assert (kernel_max_rows(w8a8), kernel_max_rows(w8a8, lm_head=True)) == (4, 8)
 
 
-def test_quantized_models_fuse_float32_norms_and_rope(tiny):
-    """A quantized float32 model runs its norms and rope through the fused float32 ops (an
-    unquantized one keeps torch's expressions, which match HF bit for bit); the outputs are
-    those of the unfused model up to float32 rounding."""
+def test_quantized_models_fuse_float32_norms_and_rope(tiny, monkeypatch):
+    """A quantized float32 model runs its norms, q/k norms with rope (one call) and GeGLU
+    through the fused float32 ops (an unquantized one keeps torch's expressions, which match HF
+    bit for bit); the outputs are those of the unfused model up to float32 rounding."""
+    import heron.layers.activation as act_mod
+    import heron.models.gemma3 as gemma3_mod
+    from heron.ops.cpu import fused_ops, load_kernel
+    calls = []
+
+    class Spy:   # the kernels module, noting the fused calls of the attention and the MLP
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(load_kernel(), name)
+
+    for mod in (act_mod, gemma3_mod):
+        monkeypatch.setattr(mod, "fused_ops", lambda x, f32=False: Spy() if fused_ops(x, f32) is not None else None)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
     prompt = make_prompts()[3]
     plain = LLM(model=str(tiny), dtype="float32", load_progress=False, enable_prefix_caching=False)
@@ -97,10 +109,16 @@ def test_quantized_models_fuse_float32_norms_and_rope(tiny):
     q = LLM(model=str(tiny), dtype="float32", load_progress=False, enable_prefix_caching=False, quantization="int8")
     flagged = [m for m in q.engine.runner.model.modules() if hasattr(type(m), "fused_float32")]
     assert flagged and all(m.fused_float32 for m in flagged)
+    calls.clear()
     a = q.generate([prompt], params, use_tqdm=False)[0]
+    if load_kernel() is not None:
+        layers = q.engine.runner.model.config.num_hidden_layers
+        assert calls.count("qk_norm_rope") == calls.count("act_and_mul") == 6 * layers   # 6 steps
     for m in flagged:
         m.fused_float32 = False
+    calls.clear()
     b = q.generate([prompt], params, use_tqdm=False)[0]
+    assert not calls
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     pa = torch.tensor([next(iter(e.values())).logprob for e in a.prompt_logprobs[1:]])
     pb = torch.tensor([next(iter(e.values())).logprob for e in b.prompt_logprobs[1:]])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from heron.ops.cpu import argmax_rows, kernel_error, load_kernel
 from heron.sample.sampler import greedy_argmax
@@ -93,7 +94,7 @@ def test_fused_rope_matches_torch():
 def test_fused_ops_reject_other_dtypes():
     ops = load_kernel()
     with pytest.raises(RuntimeError, match="bfloat16"):
-        ops.act_and_mul(torch.zeros(2, 4), True)
+        ops.act_and_mul(torch.zeros(2, 4, dtype=torch.float16), True)
     with pytest.raises(RuntimeError, match="float32 weight"):
         ops.rms_norm(torch.zeros(2, 4), torch.zeros(4, dtype=torch.bfloat16), 1e-6, True, None)
     with pytest.raises(RuntimeError, match="float32 cos"):
@@ -140,6 +141,62 @@ def test_fused_float32_rms_norm_and_rope_when_asked(shape, monkeypatch):
         torch.testing.assert_close(apply_rotary(x, cos, sin, fused_float32=True), want, rtol=1e-5, atol=1e-5)
         strided = torch.cat([x, x], dim=-1)[..., :d]
         torch.testing.assert_close(apply_rotary(strided, cos, sin, fused_float32=True), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [2048, 100, 13])
+@pytest.mark.parametrize("gelu", [True, False])
+def test_fused_float32_act_and_mul_when_asked(width, gelu, monkeypatch):
+    """float32 GeGLU / SwiGLU take the fused op (vectorised exp / tanh, a scalar tail) only when
+    the layer says so; the results are torch's within float32 rounding."""
+    import heron.layers.activation as act_mod
+    from heron.layers.activation import GeluTanhAndMul, SiluAndMul
+    if load_kernel() is None:
+        pytest.skip("heron's CPU kernels are not built here")
+    calls = []
+    monkeypatch.setattr(act_mod, "fused_ops", lambda x, f32=False: calls.append(f32) or (
+        load_kernel() if x.dtype == torch.bfloat16 or f32 else None))
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(3, 2 * width, generator=g) * 4.0
+    x[0, :6] = torch.tensor([0.0, 1e-8, -30.0, 30.0, 0.6, -0.6])   # both tanh branches, saturation
+    gate, up = x.chunk(2, dim=-1)
+    want = (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+    layer = GeluTanhAndMul() if gelu else SiluAndMul()
+    assert torch.equal(layer(x), want) and calls == [False]    # unset: torch's expression, bit for bit
+    layer.fused_float32 = True
+    got = layer(x)
+    assert calls == [False, True] and got.dtype == torch.float32 and got.shape == want.shape
+    # (1 + tanh) cancels for very negative gates in both: absolute differences of ~eps * |gate * up|
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(load_kernel().act_and_mul(x, gelu), got)
+
+
+@pytest.mark.parametrize("t,hq,hkv,d", [(1, 4, 1, 256), (7, 8, 2, 64), (3, 2, 2, 40)])
+def test_qk_norm_rope_equals_norm_then_rope(t, hq, hkv, d):
+    """Gemma's q/k norms and rope in one float32 call: the very values of rms_norm then rope (the
+    same row code), from a qkv row of any stride, v left alone."""
+    ops = load_kernel()
+    if ops is None:
+        pytest.skip("heron's CPU kernels are not built here")
+    g = torch.Generator().manual_seed(d)
+    width = (hq + 2 * hkv) * d
+    qkv = torch.randn(t, width + 8, generator=g)[:, :width] * 3.0     # rows padded: a row stride of its own
+    qw, kw = torch.randn(d, generator=g) * 0.2, torch.randn(d, generator=g) * 0.2
+    ang = torch.randn(t, d // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q, k = ops.qk_norm_rope(qkv, qw, kw, cos, sin, 1e-6, hq, hkv)
+    q0, k0, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    want_q = ops.rope(ops.rms_norm(q0.reshape(t, hq, d), qw, 1e-6, True, None), cos, sin)
+    want_k = ops.rope(ops.rms_norm(k0.reshape(t, hkv, d), kw, 1e-6, True, None), cos, sin)
+    assert q.shape == (t, hq, d) and k.shape == (t, hkv, d)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    h = q0.reshape(t, hq, d)
+    ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + qw)
+    ref = ref * cos[:, None] + torch.cat([-ref[..., d // 2:], ref[..., : d // 2]], -1) * sin[:, None]
+    torch.testing.assert_close(q, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="Hq \\+ 2 Hkv"):
+        ops.qk_norm_rope(qkv, qw, kw, cos, sin, 1e-6, hq + 1, hkv)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.qk_norm_rope(qkv.bfloat16(), qw, kw, cos, sin, 1e-6, hq, hkv)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 16])

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -920,6 +921,14 @@ void rope_bf16(const uint16_t* src, uint16_t* x, const uint16_t* cos, const uint
 // Not bit-identical to torch's float32 expressions (the sum of squares is added in another
 // order), which is why float32 models without quantization keep torch's.
 
+// 1 / rms(x) of one row of D floats (the same sum for every caller: the fused ops' results agree)
+inline float inv_rms_f32(const float* xr, int64_t D, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+  return 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+}
+
 // out = norm(x) * wf (+ residual); wf = 1 + w (gemma) or w
 void rms_norm_f32(const float* x, const float* w, const float* res, float* out, int64_t R, int64_t D, float eps,
                   bool gemma) {
@@ -930,10 +939,7 @@ void rms_norm_f32(const float* x, const float* w, const float* res, float* out, 
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * D;
       float* o = out + r * D;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+      const float inv = inv_rms_f32(xr, D, eps);
       if (res) {
         const float* rr = res + r * D;
 #pragma omp simd
@@ -946,17 +952,119 @@ void rms_norm_f32(const float* x, const float* w, const float* res, float* out, 
   });
 }
 
-// NEOX layout in float32: x*cos + rotate_half(x)*sin
+// one row in the NEOX layout: o = v*cos + rotate_half(v)*sin
+inline void rope_row_f32(const float* v, float* o, const float* c, const float* s, int64_t D) {
+  const int64_t half = D / 2;
+#pragma omp simd
+  for (int64_t d = 0; d < half; ++d) o[d] = v[d] * c[d] - v[d + half] * s[d];
+#pragma omp simd
+  for (int64_t d = half; d < D; ++d) o[d] = v[d] * c[d] + v[d - half] * s[d];
+}
+
 void rope_f32(const float* src, float* out, const float* cos, const float* sin, int64_t T, int64_t H, int64_t D,
               int64_t token_stride, int64_t head_stride) {
-  const int64_t half = D / 2;
   rope_rows(src, out, cos, sin, T, H, D, token_stride, head_stride,
-            [&](const float* v, float* o, const float* c, const float* s) {
+            [&](const float* v, float* o, const float* c, const float* s) { rope_row_f32(v, o, c, s, D); });
+}
+
+// Gemma's attention input in one call: qkv [T, (Hq + 2 Hkv) D] (row stride qkv_stride) -> q [T, Hq, D] and
+// k [T, Hkv, D], each head row normalised ((1 + w) weights, like rms_norm_f32 with gemma) and then
+// rotated (rope_row_f32): the very values of rms_norm then rope, without the tensors between.
+void qk_norm_rope_f32(const float* qkv, int64_t qkv_stride, const float* qw, const float* kw, const float* cos,
+                      const float* sin, float* q, float* k, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, float eps) {
+  std::vector<float> wf(2 * D);
+  for (int64_t d = 0; d < D; ++d) {
+    wf[d] = 1.0f + qw[d];
+    wf[D + d] = 1.0f + kw[d];
+  }
+  const float* wq = wf.data();
+  const float* wk = wq + D;
+  const int64_t H = Hq + Hkv;
+  at::parallel_for(0, T * H, std::max<int64_t>(1, rows_grain(D) / 4), [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(D);
+    float* h = tmp.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / H, head = i % H;
+      const float* xr = qkv + t * qkv_stride + head * D;
+      const float* wp = head < Hq ? wq : wk;
+      const float inv = inv_rms_f32(xr, D, eps);
 #pragma omp simd
-              for (int64_t d = 0; d < half; ++d) o[d] = v[d] * c[d] - v[d + half] * s[d];
-#pragma omp simd
-              for (int64_t d = half; d < D; ++d) o[d] = v[d] * c[d] + v[d - half] * s[d];
-            });
+      for (int64_t d = 0; d < D; ++d) h[d] = (xr[d] * inv) * wp[d];
+      float* o = head < Hq ? q + (t * Hq + head) * D : k + (t * Hkv + head - Hq) * D;
+      rope_row_f32(h, o, cos + t * D, sin + t * D, D);
+    }
+  });
+}
+
+// exp and tanh on 8 floats (AVX2), as exp_any / tanh512 do on 16 (the same Cephes polynomials)
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // times 2^n, n in [-126, 127]: n added to the exponent of 1.0
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline __m256 tanh256(__m256 y) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m256 ay = _mm256_andnot_ps(sign, y);
+  const __m256 s = _mm256_mul_ps(y, y);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, s), y, y);
+  const __m256 e = exp256(_mm256_add_ps(ay, ay));
+  __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  big = _mm256_or_ps(big, _mm256_and_ps(y, sign));
+  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ay, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+#endif
+
+// out[r] = act(x[r, :F]) * x[r, F:] in float32 (gelu_tanh, else silu)
+inline float act_f32(float g, bool gelu_tanh) {
+  return gelu_tanh ? 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)))
+                   : g / (1.0f + std::exp(-g));
+}
+
+void act_and_mul_f32(const float* x, float* out, int64_t R, int64_t F, bool gelu_tanh) {
+  at::parallel_for(0, R, rows_grain(2 * F), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = x + r * 2 * F;
+      const float* u = g + F;
+      float* o = out + r * F;
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; i + 8 <= F; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 a;
+        if (gelu_tanh) {
+          // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+          const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(gv, gv), gv);
+          const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                             _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, gv));
+          a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), gv), _mm256_add_ps(_mm256_set1_ps(1.0f), tanh256(inner)));
+        } else {
+          a = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        }
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < F; ++i) o[i] = act_f32(g[i], gelu_tanh) * u[i];
+    }
+  });
 }
 
 // ---- small-batch bf16 GEMV: out[m, n] = x[m] . w[n] (+ bias[n]) for a few rows m ---------------
@@ -1676,13 +1784,24 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, bool g
 }
 
 torch::Tensor act_and_mul(torch::Tensor x, bool gelu_tanh) {
-  check_bf16(x, "x");
+  // bf16 (torch's rounding steps), or float32 (quantized models)
+  const bool f32 = x.scalar_type() == at::kFloat;
+  if (f32) {
+    TORCH_CHECK(x.device().is_cpu(), "act_and_mul: x must be a CPU tensor");
+  } else {
+    check_bf16(x, "x");
+  }
   x = x.contiguous();
   const int64_t two_f = x.size(-1);
   TORCH_CHECK(two_f % 2 == 0, "last dimension must be even ([gate, up])");
   auto sizes = x.sizes().vec();
   sizes.back() = two_f / 2;
   auto out = torch::empty(sizes, x.options());
+  if (f32) {
+    act_and_mul_f32(x.data_ptr<float>(), out.data_ptr<float>(), x.numel() / std::max<int64_t>(two_f, 1), two_f / 2,
+                    gelu_tanh);
+    return out;
+  }
   act_and_mul_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()),
                    reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), x.numel() / std::max<int64_t>(two_f, 1),
                    two_f / 2, gelu_tanh);
@@ -1717,6 +1836,26 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
             reinterpret_cast<const uint16_t*>(c.data_ptr<c10::BFloat16>()),
             reinterpret_cast<const uint16_t*>(s.data_ptr<c10::BFloat16>()), T, H, D, x.stride(0), x.stride(1));
   return out;
+}
+
+// Gemma's q/k norms and rope in one call (float32, quantized models): qkv [T, (Hq + 2 Hkv) D] with
+// contiguous rows of D (any row stride), q_weight / k_weight [D] (GemmaRMSNorm's: 1 + w applied),
+// cos/sin [T, D] -> (q [T, Hq, D], k [T, Hkv, D]), equal to rms_norm then rope.
+std::tuple<torch::Tensor, torch::Tensor> qk_norm_rope(torch::Tensor qkv, torch::Tensor q_weight, torch::Tensor k_weight,
+                                                      torch::Tensor cos, torch::Tensor sin, double eps, int64_t Hq,
+                                                      int64_t Hkv) {
+  for (const auto* t : {&qkv, &q_weight, &k_weight, &cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "qk_norm_rope: float32 CPU tensors");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && Hq > 0 && Hkv > 0, "qk_norm_rope: qkv [T, (Hq + 2 Hkv) D], rows contiguous");
+  const int64_t T = qkv.size(0), D = q_weight.numel();
+  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (Hq + 2 * Hkv) * D && k_weight.numel() == D,
+              "qk_norm_rope: qkv must be [T, (Hq + 2 Hkv) D] with D the norms' size (even)");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes(), "cos/sin [T, D]");
+  auto c = cos.contiguous(), s = sin.contiguous(), qw = q_weight.contiguous(), kw = k_weight.contiguous();
+  auto q = torch::empty({T, Hq, D}, qkv.options()), k = torch::empty({T, Hkv, D}, qkv.options());
+  qk_norm_rope_f32(qkv.data_ptr<float>(), qkv.stride(0), qw.data_ptr<float>(), kw.data_ptr<float>(), c.data_ptr<float>(),
+                   s.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), T, Hq, Hkv, D, static_cast<float>(eps));
+  return {q, k};
 }
 
 bool gemv_supported() {
