@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import heron.quant.apply as quant_apply
 from heron.ops.cpu import small_batch_gemv
 
 
@@ -32,6 +33,7 @@ class LinearBase(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.has_bias = bias   # (a plain attribute: `self.bias` goes through nn.Module's slower lookup)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -67,12 +69,12 @@ class LinearBase(nn.Module):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None:
-            from heron.quant.apply import kernel_max_rows, quantized_linear
-            if self.full_precision is not None and x.numel() > kernel_max_rows(self.quant) * x.shape[-1]:
+        q = self.quant
+        if q is not None:
+            if self.full_precision is not None and x.numel() > quant_apply.kernel_max_rows(q) * x.shape[-1]:
                 return self.full_precision(x)
-            out = quantized_linear(self.quant, x)
-            return out if self.bias is None else out + self.bias
+            out = quant_apply.quantized_linear(q, x)
+            return out + self.bias if self.has_bias else out
         if self.packed_weight is not None:
             if x.shape[0] <= 3:
                 ops = small_batch_gemv(x, self.weight)

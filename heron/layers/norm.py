@@ -22,8 +22,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = fused_ops(x, self.fused_float32)
-        if ops is not None and self.weight.dtype == x.dtype:
-            return ops.rms_norm(x, self.weight, self.eps, False, None)
+        w = self.weight
+        if ops is not None and w.dtype == x.dtype:
+            return ops.rms_norm(x, w, self.eps, False, None)
         # same order of operations as HF's LlamaRMSNorm, so float32 results match bit for bit
         dtype = x.dtype
         h = x.float()
@@ -42,8 +43,9 @@ class GemmaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or residual + norm(x) when a residual is given."""
         ops = fused_ops(x, self.fused_float32)
-        if ops is not None and self.weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype):
-            return ops.rms_norm(x, self.weight, self.eps, True, residual)
+        w = self.weight
+        if ops is not None and w.dtype == x.dtype and (residual is None or residual.dtype == x.dtype):
+            return ops.rms_norm(x, w, self.eps, True, residual)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = (h * (1.0 + self.weight.float())).to(x.dtype)

@@ -40,12 +40,14 @@ def cpu_flags() -> str:
 
 _FUNCTIONS = ["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm",
               "act_and_mul", "rope", "qk_norm_rope", "gemv", "gemv_supported", "gemv_q8", "gemv_q4", "gemv_q4_supported", "gemv_q8g",
-              "gemv_q8_max_rows", "gemv_q4_block", "dequant_q4"]
+              "gemv_q8_max_rows", "gemv_q4_block", "dequant_q4", "dequant_q4_rows"]
 
 
 def load_kernel():
     """Build (once) and return the extension module, or None if it cannot be built."""
     global _module, _error
+    if _module is not None:   # built: no lock (the per-op fast path of every fused call)
+        return _module
     with _lock:
         if _module is not None or _error is not None:
             return _module
@@ -121,7 +123,7 @@ def fused_ops(x: torch.Tensor, float32: bool = False):
     float32 models keep the plain torch expressions, which match HF's bit for bit; quantized
     ones, which have no such reference, set `float32` (a decode step of the default model then
     makes ~300 fewer small torch calls)."""
-    if x.device.type != "cpu" or _disabled or not (x.dtype == torch.bfloat16 or float32 and x.dtype == torch.float32):
+    if not x.is_cpu or _disabled or not (x.dtype == torch.bfloat16 or float32 and x.dtype == torch.float32):
         return None
     return load_kernel()
 

@@ -554,6 +554,9 @@ class QuantizedWeight:
         head): only the bytes of those rows are read. Same values as dequantize()[rows]."""
         rows = rows.reshape(-1).to(torch.long)
         k = self.in_features
+        if self.blocked and dtype in (torch.float32, torch.bfloat16) and _OPS:
+            # heron's C++ loop (dequant_q4's values; it refuses rows beyond the weight's)
+            return _OPS[0].dequant_q4_rows(self.qweight, self.scales, self.group_size, rows, dtype == torch.bfloat16)
         if self.method == "int8" and self.group_size is not None:
             return self._int8_group_values(self.qweight[rows], self.scales[rows]).to(dtype)
         if self.method == "int8":

@@ -428,18 +428,25 @@ def test_avx2_gemv_kernels_read_every_weight_right(method, gs):
 
 @pytest.mark.parametrize("n,k,gs", [(96, 256, 64), (90, 128, 32), (4096, 640, 64), (640, 2048, 128), (224, 512, 256)])
 def test_int4_dequantize_in_cpp_equals_the_torch_ops(n, k, gs):
-    """Blocked int4 weights dequantize in heron's C++ loop (dequant_q4): the very values of the
-    torch-op path, float32 and bf16, padded rows left out."""
+    """Blocked int4 weights dequantize in heron's C++ loop (dequant_q4, and dequant_q4_rows for
+    the rows an embedding looks up): the very values of the torch-op path, float32 and bf16,
+    padded rows left out."""
     ops = _kernels_or_skip()
     qw = quantize_int4(_weight(n, k, seed=n), gs)
     if not qw.blocked:
         assert qw.padded_out_features % max(ops.gemv_q4_block(), 1) != 0   # only then unblocked
         pytest.skip(f"{n} rows pad to {qw.padded_out_features}: not whole blocks of {ops.gemv_q4_block()} here")
+    rows = torch.tensor([0, n - 1, 5, 5, n // 2, 33 % n])
     for dtype in (torch.float32, torch.bfloat16):
         got = qw.dequantize(dtype)
         want = qw._dequantize_int4_torch(torch.empty(n, k, dtype=dtype))
         assert got.dtype == dtype and got.shape == (n, k)
         assert torch.equal(got, want)
+        # an embedding lookup in a tied head: those rows alone, in C++ (dequant_q4_rows)
+        assert torch.equal(qw.dequantize_rows(rows, dtype), want[rows])
+        assert qw.dequantize_rows(rows[:0], dtype).shape == (0, k)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.dequant_q4_rows(qw.qweight, qw.scales, gs, torch.tensor([qw.padded_out_features]), False)
 
 
 def test_blocked_int4_scales_serve_torch_kernel_dequantize_and_codes(monkeypatch):

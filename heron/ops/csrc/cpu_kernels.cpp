@@ -1248,6 +1248,10 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// a result rounded to bf16, stored as bf16 bits or as the float32 of that value (float32 callers)
+inline void store_bf(uint16_t* o, float v) { *o = f2bf(v); }
+inline void store_bf(float* o, float v) { *o = round_bf(v); }
+
 constexpr int64_t kQ8PrefetchRows = 16;
 
 // acc[m][r] += x[m, k0:k1] * w[r, k0:k1] in lanes of 8 (k1 - k0 a multiple of 8), for R weight
@@ -1274,8 +1278,8 @@ inline void q8_dot_avx2(const float* xf, const int8_t* w0, int64_t K, int64_t k0
 
 // int8 per output channel, w [N, K] int8 row-major (K a multiple of 8), scales [N] bf16:
 // R weight rows at a time (independent accumulators keep the FMA units busy), M rows of x.
-template <int M, int R>
-inline void q8_rows_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint16_t* out, int64_t n,
+template <int M, int R, typename O>
+inline void q8_rows_avx2(const float* xf, const int8_t* w, const uint16_t* scales, O* out, int64_t n,
                          int64_t N, int64_t K, int64_t end) {
   __m256 acc[M][R];
 #pragma GCC unroll 8
@@ -1287,17 +1291,17 @@ inline void q8_rows_avx2(const float* xf, const int8_t* w, const uint16_t* scale
   for (int r = 0; r < R; ++r) {
     const float s = bf2f(scales[n + r]);
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) out[m * N + n + r] = f2bf(hsum8(acc[m][r]) * s);
+    for (int m = 0; m < M; ++m) store_bf(out + m * N + n + r, hsum8(acc[m][r]) * s);
   }
 }
 
-template <int M>
-void gemv_q8_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint16_t* out, int64_t N, int64_t K) {
+template <int M, typename O>
+void gemv_q8_avx2(const float* xf, const int8_t* w, const uint16_t* scales, O* out, int64_t N, int64_t K) {
   constexpr int R = M <= 2 ? 4 : M <= 4 ? 2 : 1;
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     int64_t n = begin;
-    for (; n + R <= end; n += R) q8_rows_avx2<M, R>(xf, w, scales, out, n, N, K, end);
-    for (; n < end; ++n) q8_rows_avx2<M, 1>(xf, w, scales, out, n, N, K, end);
+    for (; n + R <= end; n += R) q8_rows_avx2<M, R, O>(xf, w, scales, out, n, N, K, end);
+    for (; n < end; ++n) q8_rows_avx2<M, 1, O>(xf, w, scales, out, n, N, K, end);
   });
 }
 
@@ -1318,8 +1322,8 @@ void gemv_q8_avx2(const float* xf, const int8_t* w, const uint16_t* scales, uint
 // the accumulators fit in the 16 vector registers. xsum [M, G]: per-group sums of x.
 constexpr int64_t kQ4PrefetchBytesAvx2 = 2048;
 
-template <int M, int H0, int STEP>
-inline void q4_block_avx2(const float* xf, const float* xsum, const uint8_t* wb, const uint32_t* szb, uint16_t* out,
+template <int M, int H0, int STEP, typename O>
+inline void q4_block_avx2(const float* xf, const float* xsum, const uint8_t* wb, const uint32_t* szb, O* out,
                           int64_t N, int64_t K, int64_t G, int64_t gs, int64_t row0, bool ahead) {
   constexpr int S = 2 / STEP;
   const __m256i nib = _mm256_set1_epi32(0x0F);
@@ -1382,13 +1386,13 @@ inline void q4_block_avx2(const float* xf, const float* xsum, const uint8_t* wb,
       for (int hi = 0; hi < 2; ++hi) {
         alignas(32) float v[8];
         _mm256_store_ps(v, tot[m][j][hi]);
-        uint16_t* o = out + m * N + row0 + ((H0 + j * STEP) + 2 * hi) * 8;
-        for (int r = 0; r < 8; ++r) o[r] = f2bf(v[r]);
+        O* o = out + m * N + row0 + ((H0 + j * STEP) + 2 * hi) * 8;
+        for (int r = 0; r < 8; ++r) store_bf(o + r, v[r]);
       }
 }
 
-template <int M>
-void gemv_q4_avx2(const float* xf, const float* xsum, const uint8_t* w, const uint32_t* sz, uint16_t* out,
+template <int M, typename O>
+void gemv_q4_avx2(const float* xf, const float* xsum, const uint8_t* w, const uint32_t* sz, O* out,
                   int64_t N, int64_t K, int64_t gs) {
   static_assert(M >= 1 && M <= 4, "gemv_q4_avx2: 1-4 rows of x (the wrapper splits larger calls)");
   constexpr int STEP = M <= 2 ? 1 : 2;   // halves per pass: 2 or 1 (keeps the accumulators in registers)
@@ -1400,10 +1404,10 @@ void gemv_q4_avx2(const float* xf, const float* xsum, const uint8_t* w, const ui
       const uint32_t* szb = sz + b * G * 32;
       const bool ahead = b + 1 < blocks;
       if constexpr (STEP == 1) {
-        q4_block_avx2<M, 0, 1>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
+        q4_block_avx2<M, 0, 1, O>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
       } else {
-        if (item % STEP == 0) q4_block_avx2<M, 0, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
-        else q4_block_avx2<M, 1, 2>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
+        if (item % STEP == 0) q4_block_avx2<M, 0, 2, O>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
+        else q4_block_avx2<M, 1, 2, O>(xf, xsum, wb, szb, out, N, K, G, gs, b * 32, ahead);
       }
     }
   });
@@ -1936,10 +1940,16 @@ int64_t gemv_q4_block() {
 bool gemv_q4_supported() { return gemv_q4_block() > 0; }
 
 #if defined(HERON_GEMV_Q_AVX2)
-static std::vector<float> widen_bf16(const torch::Tensor& x) {   // x contiguous bf16
-  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+// x (contiguous, bf16 or float32) as the float32 values of its bf16 rounding
+static std::vector<float> widen_bf16(const torch::Tensor& x) {
   std::vector<float> xf(x.numel());
-  for (int64_t i = 0; i < x.numel(); ++i) xf[i] = bf2f(xb[i]);
+  if (x.scalar_type() == at::kFloat) {
+    const float* xp = x.data_ptr<float>();
+    for (int64_t i = 0; i < x.numel(); ++i) xf[i] = round_bf(xp[i]);
+  } else {
+    const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    for (int64_t i = 0; i < x.numel(); ++i) xf[i] = bf2f(xb[i]);
+  }
   return xf;
 }
 #endif
@@ -1947,9 +1957,13 @@ static std::vector<float> widen_bf16(const torch::Tensor& x) {   // x contiguous
 // x [M, K] bf16 (1 <= M <= gemv_q8_max_rows()), w [N, K] int8 (K a multiple of 32), scales [N]
 // bf16 -> [M, N] bf16
 torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
-  // float32 x: rounded to bf16 first, the bf16 result returned as float32 (the same values)
+  // float32 x: rounded to bf16 first, the bf16 result returned as float32 (the same values);
+  // the AVX2 variant does both itself, without the two tensors between
+#if defined(__AVX512BF16__) || !defined(HERON_GEMV_Q_AVX2)
   if (x.scalar_type() == at::kFloat) return gemv_q8(x.to(at::kBFloat16), w, scales).to(at::kFloat);
-  check_bf16(x, "x");
+#endif
+  const bool f32 = x.scalar_type() == at::kFloat;
+  if (!f32) check_bf16(x, "x");
   check_bf16(scales, "scales");
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w: contiguous [N, K] int8");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
@@ -1961,8 +1975,8 @@ torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
   auto out = torch::empty({M, N}, x.options());
   const auto* wp = w.data_ptr<int8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
 #if defined(__AVX512BF16__)
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   switch (M) {
     case 1: gemv_q8_impl<1>(xp, wp, sp, op, N, K); break;
@@ -1985,16 +1999,20 @@ torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
 #elif defined(HERON_GEMV_Q_AVX2)
   const std::vector<float> xf = widen_bf16(x);
   const float* xp = xf.data();
-  switch (M) {
-    case 1: gemv_q8_avx2<1>(xp, wp, sp, op, N, K); break;
-    case 2: gemv_q8_avx2<2>(xp, wp, sp, op, N, K); break;
-    case 3: gemv_q8_avx2<3>(xp, wp, sp, op, N, K); break;
-    case 4: gemv_q8_avx2<4>(xp, wp, sp, op, N, K); break;
-    case 5: gemv_q8_avx2<5>(xp, wp, sp, op, N, K); break;
-    case 6: gemv_q8_avx2<6>(xp, wp, sp, op, N, K); break;
-    case 7: gemv_q8_avx2<7>(xp, wp, sp, op, N, K); break;
-    default: gemv_q8_avx2<8>(xp, wp, sp, op, N, K); break;
-  }
+  auto run = [&](auto* op) {
+    switch (M) {
+      case 1: gemv_q8_avx2<1>(xp, wp, sp, op, N, K); break;
+      case 2: gemv_q8_avx2<2>(xp, wp, sp, op, N, K); break;
+      case 3: gemv_q8_avx2<3>(xp, wp, sp, op, N, K); break;
+      case 4: gemv_q8_avx2<4>(xp, wp, sp, op, N, K); break;
+      case 5: gemv_q8_avx2<5>(xp, wp, sp, op, N, K); break;
+      case 6: gemv_q8_avx2<6>(xp, wp, sp, op, N, K); break;
+      case 7: gemv_q8_avx2<7>(xp, wp, sp, op, N, K); break;
+      default: gemv_q8_avx2<8>(xp, wp, sp, op, N, K); break;
+    }
+  };
+  if (f32) run(out.data_ptr<float>());
+  else run(reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()));
 #endif
   return out;
 }
@@ -2004,37 +2022,67 @@ torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
 // sz [N/B, K/gs, B, 2] bf16 (scale, zero)): w = (q - 8) * scale + zero in float32 ((q - 8) *
 // scale is exact, so one rounding), as float32 or rounded once more to bf16. For calls of many
 // rows, which multiply the dequantized weight (heron.quant.apply).
+namespace {
+struct BlockedQ4 {   // a blocked int4 weight (see dequant_q4), checked
+  const uint8_t* w;
+  const uint16_t* zs;
+  int64_t NB, G, B, K, half, gs;
+  BlockedQ4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group) {
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
+    check_bf16(sz, "scales_and_zeros");
+    TORCH_CHECK(sz.dim() == 4 && sz.size(3) == 2 && sz.is_contiguous() && sz.size(2) % 2 == 0,
+                "sz [N/B, G, B, 2] contiguous");
+    NB = sz.size(0), G = sz.size(1), B = sz.size(2), gs = group, K = G * gs, half = B / 2;
+    TORCH_CHECK(gs > 0 && packed.numel() == NB * B * K / 2, "packed must hold N*K/2 bytes");
+    w = packed.data_ptr<uint8_t>();
+    zs = reinterpret_cast<const uint16_t*>(sz.data_ptr<c10::BFloat16>());
+  }
+  // weight row nr (< NB * B) into out[i] of a float32 (of) or bf16 (ob) [*, K] output
+  void row(int64_t nr, int64_t i, float* of, uint16_t* ob, float* tmp) const {
+    const int64_t b = nr / B, r = nr % B, j = r % half;
+    const int shift = r < half ? 0 : 4;
+    const uint8_t* wb = w + b * K * half;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* p = zs + ((b * G + g) * B + r) * 2;
+      const float sc = bf2f(p[0]), zero = bf2f(p[1]);
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
+        tmp[k] = static_cast<float>(((wb[k * half + j] >> shift) & 15) - 8) * sc + zero;
+    }
+    if (of) std::memcpy(of + i * K, tmp, K * sizeof(float));
+    else for (int64_t k = 0; k < K; ++k) ob[i * K + k] = f2bf(tmp[k]);
+  }
+};
+}  // namespace
+
 torch::Tensor dequant_q4(torch::Tensor packed, torch::Tensor sz, int64_t gs, int64_t n, bool to_bf16) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
-  check_bf16(sz, "scales_and_zeros");
-  TORCH_CHECK(sz.dim() == 4 && sz.size(3) == 2 && sz.is_contiguous() && sz.size(2) % 2 == 0,
-              "sz [N/B, G, B, 2] contiguous");
-  const int64_t NB = sz.size(0), G = sz.size(1), B = sz.size(2), K = G * gs, half = B / 2;
-  TORCH_CHECK(gs > 0 && packed.numel() == NB * B * K / 2, "packed must hold N*K/2 bytes");
-  TORCH_CHECK(n >= 0 && n <= NB * B, "n: at most the padded rows");
-  auto out = torch::empty({n, K}, packed.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const uint16_t* zs = reinterpret_cast<const uint16_t*>(sz.data_ptr<c10::BFloat16>());
+  const BlockedQ4 q(packed, sz, gs);
+  TORCH_CHECK(n >= 0 && n <= q.NB * q.B, "n: at most the padded rows");
+  auto out = torch::empty({n, q.K}, packed.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
   float* of = to_bf16 ? nullptr : out.data_ptr<float>();
   uint16_t* ob = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()) : nullptr;
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> row(K);
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* wb = w + b * K * half;
-      for (int64_t r = 0; r < B && b * B + r < n; ++r) {
-        const int64_t j = r % half;
-        const int shift = r < half ? 0 : 4;
-        for (int64_t g = 0; g < G; ++g) {
-          const uint16_t* p = zs + ((b * G + g) * B + r) * 2;
-          const float sc = bf2f(p[0]), zero = bf2f(p[1]);
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
-            row[k] = static_cast<float>(((wb[k * half + j] >> shift) & 15) - 8) * sc + zero;
-        }
-        const int64_t nr = b * B + r;
-        if (of) std::memcpy(of + nr * K, row.data(), K * sizeof(float));
-        else for (int64_t k = 0; k < K; ++k) ob[nr * K + k] = f2bf(row[k]);
-      }
-    }
+  at::parallel_for(0, q.NB, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> tmp(q.K);
+    for (int64_t nr = b0 * q.B; nr < std::min(b1 * q.B, n); ++nr) q.row(nr, nr, of, ob, tmp.data());
+  });
+  return out;
+}
+
+// The rows `rows` (int64, each below the padded row count) of the same layout, in their order:
+// an embedding lookup in a tied, quantized LM head (the values of dequant_q4's rows).
+torch::Tensor dequant_q4_rows(torch::Tensor packed, torch::Tensor sz, int64_t gs, torch::Tensor rows, bool to_bf16) {
+  const BlockedQ4 q(packed, sz, gs);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "rows: a 1-D int64 tensor");
+  auto rc = rows.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  const int64_t R = rc.numel();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < q.NB * q.B, "row ", rp[i], " out of range: the weight has ", q.NB * q.B, " rows");
+  auto out = torch::empty({R, q.K}, packed.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
+  float* of = to_bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* ob = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()) : nullptr;
+  at::parallel_for(0, R, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> tmp(q.K);
+    for (int64_t i = i0; i < i1; ++i) q.row(rp[i], i, of, ob, tmp.data());
   });
   return out;
 }
@@ -2043,9 +2091,13 @@ torch::Tensor dequant_q4(torch::Tensor packed, torch::Tensor sz, int64_t gs, int
 // (blocks of B = gemv_q4_block() rows, N a multiple of B), sz [N/B, K/gs, B, 2] bf16 -> [M, N] bf16
 // (float32 x -> float32 out)
 torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t gs) {
-  // float32 x: rounded to bf16 first, the bf16 result returned as float32 (the same values)
+  // float32 x: rounded to bf16 first, the bf16 result returned as float32 (the same values);
+  // the AVX2 variant does both itself, without the two tensors between
+#if !defined(HERON_GEMV_Q_AVX2)
   if (x.scalar_type() == at::kFloat) return gemv_q4(x.to(at::kBFloat16), packed, sz, gs).to(at::kFloat);
-  check_bf16(x, "x");
+#endif
+  const bool f32 = x.scalar_type() == at::kFloat;
+  if (!f32) check_bf16(x, "x");
   check_bf16(sz, "scales_and_zeros");
   const int64_t B = gemv_q4_block();
   TORCH_CHECK(B > 0, "gemv_q4 needs AVX512-BF16 and AVX512-VBMI, or AVX2 with FMA");
@@ -2060,13 +2112,13 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   auto out = torch::empty({M, N}, x.options());
   const auto* wp = packed.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
-  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const int64_t G = K / gs;
   std::vector<float> xsum(M * G, 0.f);   // per-group sums of x, both variants' zero-point term
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   for (int64_t i = 0; i < M * G; ++i)
     for (int64_t j = 0; j < gs; ++j) xsum[i] += bf2f(xb[i * gs + j]);
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
   const float* xs = xsum.data();
   switch (M) {
     case 1: gemv_q4_impl<1, 4>(xb, wp, sp, xs, op, N, K, gs); break;
@@ -2081,17 +2133,23 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
 #elif defined(HERON_GEMV_Q_AVX2)
   const std::vector<float> xf = widen_bf16(x);
   const float* xp = xf.data();
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {   // rows of x 4 at a time (each output computed alike)
-    const float* xp0 = xp + m0 * K;
-    const float* xs = xsum.data() + m0 * G;
-    uint16_t* op0 = op + m0 * N;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 1: gemv_q4_avx2<1>(xp0, xs, wp, sp, op0, N, K, gs); break;
-      case 2: gemv_q4_avx2<2>(xp0, xs, wp, sp, op0, N, K, gs); break;
-      case 3: gemv_q4_avx2<3>(xp0, xs, wp, sp, op0, N, K, gs); break;
-      default: gemv_q4_avx2<4>(xp0, xs, wp, sp, op0, N, K, gs); break;
+  for (int64_t i = 0; i < M * G; ++i)
+    for (int64_t j = 0; j < gs; ++j) xsum[i] += xp[i * gs + j];
+  auto run = [&](auto* op) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {   // rows of x 4 at a time (each output computed alike)
+      const float* xp0 = xp + m0 * K;
+      const float* xs = xsum.data() + m0 * G;
+      auto* op0 = op + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: gemv_q4_avx2<1>(xp0, xs, wp, sp, op0, N, K, gs); break;
+        case 2: gemv_q4_avx2<2>(xp0, xs, wp, sp, op0, N, K, gs); break;
+        case 3: gemv_q4_avx2<3>(xp0, xs, wp, sp, op0, N, K, gs); break;
+        default: gemv_q4_avx2<4>(xp0, xs, wp, sp, op0, N, K, gs); break;
+      }
     }
-  }
+  };
+  if (f32) run(out.data_ptr<float>());
+  else run(reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()));
 #endif
   return out;
 }
