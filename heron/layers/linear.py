@@ -15,6 +15,12 @@ import heron.quant.apply as quant_apply
 from heron.ops.cpu import small_batch_gemv
 
 
+# bumped whenever a layer's weight is swapped for a quantized one (or fused ops are switched on:
+# heron.quant.apply.use_fused_float32), so that plans built on the modules (the direct decode path
+# of heron.models.gemma3) know to look again
+QUANT_EPOCH = [0]
+
+
 def empty_parameter(like: torch.Tensor) -> nn.Parameter:
     """A 0-element stand-in for a weight a quantized layer no longer keeps (dtype and device kept)."""
     return nn.Parameter(torch.empty(0, dtype=like.dtype, device=like.device), requires_grad=False)
@@ -52,6 +58,7 @@ class LinearBase(nn.Module):
     def set_quantized(self, qweight) -> None:
         """Keep only the quantized weight (the plain and packed ones are dropped)."""
         self.quant = qweight
+        QUANT_EPOCH[0] += 1
         self.packed_weight = None
         self.weight = empty_parameter(self.weight)
 

@@ -8,7 +8,7 @@ from torch import nn
 from heron.layers.activation import get_act_and_mul
 from heron.layers.attention import Attention
 from heron.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from heron.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from heron.layers.linear import QUANT_EPOCH, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from heron.layers.norm import GemmaRMSNorm
 from heron.layers.rotary import RotaryEmbedding, apply_rotary
 from heron.models.utils import layer_sliding_windows, load_weights
@@ -83,6 +83,82 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(hidden, residual=residual)
 
 
+# ---- quantized float32 decode without the modules' per-call Python ---------------------------
+# A decode step of a quantized float32 model on CPU is a few C++ kernel calls per layer (fused
+# norms, the quantized GEMVs, q/k norm + rope, paged attention, GeGLU), and at one row the
+# modules' Python around them (nn.Module calls, the layers' dispatch checks) cost about as much
+# as the attention. For calls that would take those kernels anyway (few rows, every linear on
+# its GEMV kernel, every fused op switched on, no hooks), the layer loop calls them directly with
+# the modules' own tensors: the same kernels with the same arguments, so the same values.
+DIRECT_DECODE = True   # False: always the modules (tests compare the two)
+
+
+class _DirectLayer:
+    """One decoder layer's kernel arguments (the modules' own tensors, not copies)."""
+    __slots__ = ("in_w", "qkv", "q_w", "k_w", "qk_eps", "o", "post_attn_w", "pre_ff_w", "gate_up", "down",
+                 "post_ff_w", "eps", "spec", "hq", "hkv", "d", "v0", "sliding")
+
+    def __init__(self, layer: "Gemma3DecoderLayer") -> None:
+        a, m = layer.self_attn, layer.mlp
+        self.in_w, self.post_attn_w = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.pre_ff_w, self.post_ff_w = layer.pre_feedforward_layernorm.weight, layer.post_feedforward_layernorm.weight
+        self.eps = layer.input_layernorm.eps
+        self.qkv, self.o, self.gate_up, self.down = (a.qkv_proj.quant, a.o_proj.quant, m.gate_up_proj.quant,
+                                                     m.down_proj.quant)
+        self.q_w, self.k_w, self.qk_eps = a.q_norm.weight, a.k_norm.weight, a.q_norm.eps
+        self.spec, self.hq, self.hkv, self.d = a.attn.spec, a.num_heads, a.num_kv_heads, a.head_dim
+        self.v0, self.sliding = a.q_size + a.kv_size, a.is_sliding
+
+
+def _direct_layers(model: "Gemma3TextModel"):
+    """The layers' kernel arguments when every layer runs its decode steps on the kernels (see
+    above), else None; with the linear modules (whose hooks must stay empty), one quantized
+    weight per method (heron.quant.apply's row limit is per method), and the (module, attribute,
+    value) triples the plan was built on (a later step checks they still hold)."""
+    from heron.layers.linear import LinearBase
+    from heron.layers.activation import GeluTanhAndMul
+    from heron.layers.norm import GemmaRMSNorm
+    from heron.ops.cpu import load_kernel
+    from heron.quant.weight_only import QuantizedWeight
+    if fused_ops(torch.zeros(0), True) is None or load_kernel() is None:
+        return None
+    linears, reps, built_on = [], {}, []
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                 layer.post_feedforward_layernorm, a.q_norm, a.k_norm)
+        lins = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+        if (type(layer) is not Gemma3DecoderLayer or type(a) is not Gemma3Attention or type(m) is not Gemma3MLP
+                or not a.fused_float32 or type(m.act) is not GeluTanhAndMul or not m.act.fused_float32
+                or any(type(n) is not GemmaRMSNorm or not n.fused_float32 or n.weight.dtype != torch.float32
+                       for n in norms)):
+            return None
+        built_on += [(mod, "fused_float32", True) for mod in (a, m.act) + norms]
+        for lin in lins:
+            q = lin.quant
+            built_on.append((lin, "quant", q))
+            if (not isinstance(lin, LinearBase) or type(lin).forward is not LinearBase.forward
+                    or type(q) is not QuantizedWeight or q._fast is None or lin.has_bias
+                    or lin.full_precision is not None):
+                return None
+            reps.setdefault((q.method, getattr(q, "matmul_large", None) is None), q)
+        linears.extend(lins)
+    return [_DirectLayer(layer) for layer in model.layers], linears, list(reps.values()), built_on
+
+
+def _direct_layer(p: _DirectLayer, ops, hidden, cos, sin, kv_cache, meta):
+    """Gemma3DecoderLayer.forward through the kernels its modules would call (see above)."""
+    t = hidden.shape[0]
+    qkv = p.qkv._fast_call(p.qkv._fast[0], ops.rms_norm(hidden, p.in_w, p.eps, True, None))
+    q, k = ops.qk_norm_rope(qkv, p.q_w, p.k_w, cos, sin, p.qk_eps, p.hq, p.hkv)
+    v = qkv[:, p.v0:].view(t, p.hkv, p.d)
+    out = meta.backend.forward(p.spec, q, k, v, kv_cache, meta).reshape(t, p.hq * p.d)
+    hidden = ops.rms_norm(p.o._fast_call(p.o._fast[0], out), p.post_attn_w, p.eps, True, hidden)
+    h = ops.rms_norm(hidden, p.pre_ff_w, p.eps, True, None)
+    g = ops.act_and_mul(p.gate_up._fast_call(p.gate_up._fast[0], h), True)
+    return ops.rms_norm(p.down._fast_call(p.down._fast[0], g), p.post_ff_w, p.eps, True, hidden)
+
+
 class Gemma3TextModel(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
@@ -101,12 +177,44 @@ class Gemma3TextModel(nn.Module):
         hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         cos_g, sin_g = self.rotary_global.cos_sin(positions, hidden.dtype)
         cos_l, sin_l = self.rotary_local.cos_sin(positions, hidden.dtype)
+        direct = self._direct(hidden)
+        if direct is not None:
+            ops = fused_ops(hidden, True)
+            for p, kv_cache in zip(direct, kv_caches):
+                hidden = _direct_layer(p, ops, hidden, cos_l if p.sliding else cos_g, sin_l if p.sliding else sin_g,
+                                       kv_cache, meta)
+            return self.norm(hidden)
         for layer, kv_cache in zip(self.layers, kv_caches):
             if layer.self_attn.is_sliding:
                 hidden = layer(hidden, cos_l, sin_l, kv_cache, meta)
             else:
                 hidden = layer(hidden, cos_g, sin_g, kv_cache, meta)
         return self.norm(hidden)
+
+    _direct_plan = (-1, None)   # (heron.layers.linear.QUANT_EPOCH when planned, _direct_layers' plan or None)
+
+    def _direct(self, hidden: torch.Tensor):
+        """The direct path's per-layer arguments when this call can take it, else None."""
+        if not DIRECT_DECODE or hidden.dtype != torch.float32 or hidden.dim() != 2 or not hidden.is_cpu:
+            return None
+        epoch, plan = self._direct_plan
+        if epoch != QUANT_EPOCH[0] or plan is not None and not all(getattr(m, n) is v for m, n, v in plan[3]):
+            plan = _direct_layers(self)   # a weight swapped or a flag switched since: plan again
+            self._direct_plan = (QUANT_EPOCH[0], plan)
+        if plan is None:
+            return None
+        layers, linears, reps, _ = plan
+        rows = hidden.shape[0]
+        from heron.quant.apply import kernel_max_rows
+        if (rows < 1 or any(rows > min(kernel_max_rows(q), q._fast[1]) for q in reps)
+                or _module_hooks_set() or any(m._forward_pre_hooks or m._forward_hooks for m in linears)):
+            return None
+        return layers
+
+
+def _module_hooks_set() -> bool:
+    from torch.nn.modules import module as mod
+    return bool(mod._global_forward_pre_hooks or mod._global_forward_hooks)
 
 
 class Gemma3ForCausalLM(nn.Module):

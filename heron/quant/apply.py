@@ -178,11 +178,13 @@ def use_fused_float32(model: nn.Module) -> int:
     and gated activations run heron's fused C++ ops on float32 activations too (the default dtype on CPUs without fast bf16): their float32 results are not
     bit-identical to torch's expressions, which only matters where HF's float32 outputs are the
     reference, and a quantized model has none. Returns the number of modules switched."""
+    from heron.layers.linear import QUANT_EPOCH
     n = 0
     for module in model.modules():
         if hasattr(type(module), "fused_float32"):
             module.fused_float32 = True
             n += 1
+    QUANT_EPOCH[0] += 1
     return n
 
 

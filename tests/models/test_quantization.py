@@ -126,6 +126,50 @@ def test_quantized_models_fuse_float32_norms_and_rope(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("method,group", FORMATS)
+def test_direct_decode_path_equals_the_modules(tiny, method, group, monkeypatch):
+    """Decode steps of a quantized float32 Gemma 3 call the layers' kernels directly
+    (heron.models.gemma3's direct path): the same tokens and logprobs, bit for bit, as through
+    the modules. A forward hook on a linear layer (as calibration adds) or a fused op switched
+    off sends the steps back through the modules; so do formats without a GEMV kernel of their
+    own (group-wise int8 runs gemv_q8g through its own checks)."""
+    import heron.models.gemma3 as gemma3_mod
+    from heron.ops.cpu import load_kernel
+    if load_kernel() is None:
+        pytest.skip("heron's CPU kernels are not built here")
+    calls = []
+    direct = gemma3_mod._direct_layer
+    monkeypatch.setattr(gemma3_mod, "_direct_layer", lambda *a: calls.append(1) or direct(*a))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    prompt = make_prompts()[3]
+    q = LLM(model=str(tiny), dtype="float32", load_progress=False, enable_prefix_caching=False,
+            quantization=method, quantization_group_size=group)
+    model = q.engine.runner.model
+    direct_ok = model.model.layers[0].self_attn.qkv_proj.quant._fast is not None
+    assert direct_ok == (group is None or method == "int4")
+    per_step = model.config.num_hidden_layers if direct_ok else 0
+
+    def run():
+        calls.clear()
+        out = q.generate([prompt], params, use_tqdm=False)[0]
+        lp = [next(iter(e.values())).logprob for e in out.outputs[0].logprobs]
+        plp = [next(iter(e.values())).logprob for e in out.prompt_logprobs[1:]]
+        return out.outputs[0].token_ids, lp, plp, len(calls)
+
+    tokens, lp, plp, n = run()
+    assert n == 5 * per_step          # the 5 decode steps (the prefill has too many rows)
+    monkeypatch.setattr(gemma3_mod, "DIRECT_DECODE", False)
+    assert run() == (tokens, lp, plp, 0)
+    monkeypatch.setattr(gemma3_mod, "DIRECT_DECODE", True)
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(1))
+    assert run() == (tokens, lp, plp, 0) and len(seen) == 6
+    handle.remove()
+    assert run()[3] == 5 * per_step
+    model.model.layers[0].post_feedforward_layernorm.fused_float32 = False
+    assert run()[3] == 0
+
+
+@pytest.mark.parametrize("method,group", FORMATS)
 def test_engine_equals_dequantized_weights(tiny, method, group, monkeypatch):
     """Prefill (many rows: dequantized weights, with the rule pinned to one kernel row) is
     exactly the bf16 engine with those weights; decode (one row: the packed kernel) agrees
