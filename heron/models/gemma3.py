@@ -112,9 +112,9 @@ class _DirectLayer:
 
 def _direct_layers(model: "Gemma3TextModel"):
     """The layers' kernel arguments when every layer runs its decode steps on the kernels (see
-    above), else None; with the linear modules (whose hooks must stay empty), one quantized
-    weight per method (heron.quant.apply's row limit is per method), and the (module, attribute,
-    value) triples the plan was built on (a later step checks they still hold)."""
+    above), else None; with the modules the path stands in for (whose hooks must stay empty), one
+    quantized weight per method (heron.quant.apply's row limit is per method), and the (module,
+    attribute, value) triples the plan was built on (a later step checks they still hold)."""
     from heron.layers.linear import LinearBase
     from heron.layers.activation import GeluTanhAndMul
     from heron.layers.norm import GemmaRMSNorm
@@ -122,7 +122,7 @@ def _direct_layers(model: "Gemma3TextModel"):
     from heron.quant.weight_only import QuantizedWeight
     if fused_ops(torch.zeros(0), True) is None or load_kernel() is None:
         return None
-    linears, reps, built_on = [], {}, []
+    modules, reps, built_on = [], {}, []
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
         norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
@@ -142,8 +142,8 @@ def _direct_layers(model: "Gemma3TextModel"):
                     or lin.full_precision is not None):
                 return None
             reps.setdefault((q.method, getattr(q, "matmul_large", None) is None), q)
-        linears.extend(lins)
-    return [_DirectLayer(layer) for layer in model.layers], linears, list(reps.values()), built_on
+        modules += [layer, a, m, a.attn, m.act, *norms, *lins]
+    return [_DirectLayer(layer) for layer in model.layers], modules, list(reps.values()), built_on
 
 
 def _direct_layer(p: _DirectLayer, ops, hidden, cos, sin, kv_cache, meta):
@@ -203,11 +203,11 @@ class Gemma3TextModel(nn.Module):
             self._direct_plan = (QUANT_EPOCH[0], plan)
         if plan is None:
             return None
-        layers, linears, reps, _ = plan
+        layers, modules, reps, _ = plan
         rows = hidden.shape[0]
         from heron.quant.apply import kernel_max_rows
         if (rows < 1 or any(rows > min(kernel_max_rows(q), q._fast[1]) for q in reps)
-                or _module_hooks_set() or any(m._forward_pre_hooks or m._forward_hooks for m in linears)):
+                or _module_hooks_set() or any(m._forward_pre_hooks or m._forward_hooks for m in modules)):
             return None
         return layers
 

@@ -129,8 +129,8 @@ def test_quantized_models_fuse_float32_norms_and_rope(tiny, monkeypatch):
 def test_direct_decode_path_equals_the_modules(tiny, method, group, monkeypatch):
     """Decode steps of a quantized float32 Gemma 3 call the layers' kernels directly
     (heron.models.gemma3's direct path): the same tokens and logprobs, bit for bit, as through
-    the modules. A forward hook on a linear layer (as calibration adds) or a fused op switched
-    off sends the steps back through the modules; so do formats without a GEMV kernel of their
+    the modules. A forward hook on a linear layer (as calibration adds) or on any other module
+    of a layer, or a fused op switched off, sends the steps back through the modules; so do formats without a GEMV kernel of their
     own (group-wise int8 runs gemv_q8g through its own checks)."""
     import heron.models.gemma3 as gemma3_mod
     from heron.ops.cpu import load_kernel
@@ -163,6 +163,9 @@ def test_direct_decode_path_equals_the_modules(tiny, method, group, monkeypatch)
     seen = []
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(1))
     assert run() == (tokens, lp, plp, 0) and len(seen) == 6
+    handle.remove()
+    handle = model.model.layers[2].pre_feedforward_layernorm.register_forward_hook(lambda m, args, out: seen.append(2))
+    assert run() == (tokens, lp, plp, 0) and seen.count(2) == 6
     handle.remove()
     assert run()[3] == 5 * per_step
     model.model.layers[0].post_feedforward_layernorm.fused_float32 = False
