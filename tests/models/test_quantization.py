@@ -130,8 +130,9 @@ def test_direct_decode_path_equals_the_modules(tiny, method, group, monkeypatch)
     """Decode steps of a quantized float32 Gemma 3 call the layers' kernels directly
     (heron.models.gemma3's direct path): the same tokens and logprobs, bit for bit, as through
     the modules. A forward hook on a linear layer (as calibration adds) or on any other module
-    of a layer, or a fused op switched off, sends the steps back through the modules; so do formats without a GEMV kernel of their
-    own (group-wise int8 runs gemv_q8g through its own checks)."""
+    of a layer, or a fused op switched off, sends the steps back through the modules; so do
+    formats without a GEMV kernel of their own (group-wise int8 runs gemv_q8g through its own
+    checks)."""
     import heron.models.gemma3 as gemma3_mod
     from heron.ops.cpu import load_kernel
     if load_kernel() is None:
