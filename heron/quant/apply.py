@@ -175,9 +175,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=N
 
 def use_fused_float32(model: nn.Module) -> int:
     """Let a quantized model's norms, rotary embeddings (Gemma: q/k norms and rope in one call)
-    and gated activations run heron's fused C++ ops on float32 activations too (the default dtype on CPUs without fast bf16): their float32 results are not
-    bit-identical to torch's expressions, which only matters where HF's float32 outputs are the
-    reference, and a quantized model has none. Returns the number of modules switched."""
+    and gated activations run heron's fused C++ ops on float32 activations too (the default dtype
+    on CPUs without fast bf16): their float32 results are not bit-identical to torch's
+    expressions, which only matters where HF's float32 outputs are the reference, and a quantized
+    model has none. Returns the number of modules switched."""
     from heron.layers.linear import QUANT_EPOCH
     n = 0
     for module in model.modules():
