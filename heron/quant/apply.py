@@ -3,8 +3,8 @@ quantized ones, as a transform after loading; the model files do not change.
 
 Weight-only methods (heron.quant.weight_only): `int8` (symmetric, per output channel, or
 group-wise with `--quantization-group-size`: float32 sums in heron's gemv_q8g) and
-`int4` (asymmetric, group-wise along the input, round-to-nearest; `--quantization-group-size`,
-default 64). The layers keep only the packed weight, and run heron's GEMV kernels on it for few
+`int4` (asymmetric, group-wise along the input, round-to-nearest on the grid with the smallest
+squared error per group: weight_only.mse_int4_codes; `--quantization-group-size`, default 64). The layers keep only the packed weight, and run heron's GEMV kernels on it for few
 rows (gemv_q8 / gemv_q4, where built) or torch's packed CPU kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`): activations stay in the model dtype.
 When the LM head is tied to the token embedding (Gemma), the embedding looks its rows up in
@@ -160,7 +160,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=N
         else:
             # int8's group size is None (per channel) unless one was given; an int8 LM head under
             # another method stays per channel
-            qw = quantize(w, fmt, group_size if fmt == method or fmt == "int4" else None)
+            qw = quantize(w, fmt, group_size if fmt == method or fmt == "int4" else None, grid="mse")
         before += w.numel() * w.element_size()
         after += qw.nbytes()
         tied = [e for e in embeddings if isinstance(module, ParallelLMHead) and e.weight is module.weight]

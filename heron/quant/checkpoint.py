@@ -436,7 +436,7 @@ def load_quantized_checkpoint(model: nn.Module, weights, spec: CheckpointSpec, m
         head = next((m for m in model.modules() if isinstance(m, ParallelLMHead)), None)
         if head is not None and head.quant is None:
             tied = [e for e in embeddings if e.weight is head.weight]
-            qw = quantize(head.weight.detach(), lm_head, group_size if lm_head == "int4" else None)
+            qw = quantize(head.weight.detach(), lm_head, group_size if lm_head == "int4" else None, grid="mse")
             before += head.weight.numel() * 2
             after += qw.nbytes()
             head.set_quantized(qw)

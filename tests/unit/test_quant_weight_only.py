@@ -136,6 +136,47 @@ def test_int4_error_bound_and_codes(group_size):
     assert bool((s * 15 >= rng * (1 - 1e-6)).all()) and bool((s * 15 <= rng * (1 + 2 ** -7)).all())
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_mse_grid_beats_minmax_and_the_kernel_equals_torch(group_size):
+    """The "mse" grid (what --quantization int4 uses): per group, a squared error no larger than
+    the plain min/max grid's (its first candidate); lower overall on weights with outliers; the
+    C++ kernel and the torch ops give the same codes up to near-ties; the stored weight is
+    the codes on that grid (up to bf16 scale / offset rounding); and matmuls match it."""
+    from heron.ops.cpu import load_kernel
+    from heron.quant.weight_only import mse_int4_codes
+    w = _weight(100, 640, seed=group_size, dtype=torch.float32)
+    w[3, :group_size] = 0.125                                   # a constant group: exact
+    g = w.view(100, -1, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s0 = ((hi - lo) / 15).clamp(min=1e-30)
+    minmax_err = (((g - lo) / s0).round().clamp(0, 15) * s0 + lo - g).square().sum(-1)
+    results = [mse_int4_codes(w, group_size, use_kernel=False)]
+    if load_kernel() is not None:
+        results.append(mse_int4_codes(w, group_size))
+    for q, s, m in results:
+        assert q.dtype == torch.uint8 and q.shape == (100, 640) and int(q.max()) <= 15
+        assert s.shape == m.shape == (100, 640 // group_size) and bool((s >= 0).all())
+        err = (q.view_as(g).float() * s[..., None] + m[..., None] - g).square().sum(-1)
+        assert bool((err <= minmax_err * (1 + 1e-5) + 1e-12).all())
+        assert err.sum() < 0.9 * minmax_err.sum()
+        assert float(err[3, 0]) < 1e-12
+    if len(results) == 2:
+        (qa, sa, ma), (qb, sb, mb) = results
+        assert (qa == qb).float().mean() > 0.999
+        ea = (qa.view_as(g).float() * sa[..., None] + ma[..., None] - g).square().sum(-1)
+        eb = (qb.view_as(g).float() * sb[..., None] + mb[..., None] - g).square().sum(-1)
+        assert torch.allclose(ea, eb, rtol=0.05, atol=1e-9)
+    qw = quantize_int4(w, group_size, grid="mse")
+    q, s, m = results[-1]
+    want = q.float() * s.repeat_interleave(group_size, 1) + m.repeat_interleave(group_size, 1)
+    # bf16 scale and kernel zero (8 s + offset): at most 2^-8 (8 |s| + |8 s + m|) off
+    bound = 2 ** -8 * (8 * s + (8 * s + m).abs()).repeat_interleave(group_size, 1) * (1 + 1e-5) + 1e-12
+    assert bool(((qw.dequantize(torch.float32) - want).abs() <= bound).all())
+    _assert_matches_dequantized(qw, _x((3, 640)))
+    with pytest.raises(ValueError, match="grid must be one of"):
+        quantize_int4(w, group_size, grid="nearest")
+
+
 def test_int4_dequantize_matches_the_formula():
     # from_int4's convention: w = (q - zeros) * scales, stored as the kernel's
     # (q - 8) * scale + zero with zero = bf16((8 - zeros) * bf16(scale))

@@ -2153,3 +2153,127 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
 #endif
   return out;
 }
+
+// int4_mse_grid's steps on one group of n floats (AVX2 where n % 8 == 0, else scalar)
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float mse_hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+static inline void mse_minmax(const float* x, int64_t n, float& lo, float& hi) {
+  lo = hi = x[0];
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 8 == 0) {
+    __m256 vl = _mm256_loadu_ps(x), vh = vl;
+    for (int64_t k = 8; k < n; k += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k);
+      vl = _mm256_min_ps(vl, v), vh = _mm256_max_ps(vh, v);
+    }
+    alignas(32) float a[8], b[8];
+    _mm256_store_ps(a, vl), _mm256_store_ps(b, vh);
+    lo = a[0], hi = b[0];
+    for (int i = 1; i < 8; ++i) lo = std::min(lo, a[i]), hi = std::max(hi, b[i]);
+    return;
+  }
+#endif
+  for (int64_t k = 1; k < n; ++k) lo = std::min(lo, x[k]), hi = std::max(hi, x[k]);
+}
+
+// codes q = clamp(round((x - m) * inv), 0, 15) into qf; returns sum((q * s + m - x)^2)
+static inline float mse_round(const float* x, int64_t n, float m, float inv, float s, float* qf) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 8 == 0) {
+    const __m256 vm = _mm256_set1_ps(m), vi = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s);
+    const __m256 z = _mm256_setzero_ps(), f = _mm256_set1_ps(15.0f);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(xv, vm), vi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(_mm256_max_ps(v, z), f);
+      _mm256_storeu_ps(qf + k, v);
+      const __m256 d = _mm256_sub_ps(_mm256_fmadd_ps(v, vs, vm), xv);
+      acc = _mm256_fmadd_ps(d, d, acc);
+    }
+    return mse_hsum8(acc);
+  }
+#endif
+  float err = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = std::min(std::max(std::nearbyint((x[k] - m) * inv), 0.0f), 15.0f);
+    const float d = v * s + m - x[k];
+    qf[k] = v;
+    err += d * d;
+  }
+  return err;
+}
+
+// the least-squares fit's sums: sum q, sum x, sum q^2, sum q x
+static inline void mse_sums(const float* x, const float* q, int64_t n, float& sq, float& sw, float& sqq, float& sqw) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 8 == 0) {
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    for (int64_t k = 0; k < n; k += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + k), xv = _mm256_loadu_ps(x + k);
+      a = _mm256_add_ps(a, qv), b = _mm256_add_ps(b, xv);
+      c = _mm256_fmadd_ps(qv, qv, c), d = _mm256_fmadd_ps(qv, xv, d);
+    }
+    sq = mse_hsum8(a), sw = mse_hsum8(b), sqq = mse_hsum8(c), sqw = mse_hsum8(d);
+    return;
+  }
+#endif
+  sq = sw = sqq = sqw = 0.f;
+  for (int64_t k = 0; k < n; ++k) sq += q[k], sw += x[k], sqq += q[k] * q[k], sqw += q[k] * x[k];
+}
+
+// int4 "mse" grid (heron.quant.weight_only.mse_int4_codes, the same steps): w [R, K] float32,
+// groups of gs columns; for each shrink factor start from [min, max] * shrink, round to the
+// 16-level grid, refit scale and offset by least squares `refits` times, keep the candidate with
+// the smallest squared error. Returns (q [R, K] uint8 0..15, scales [R, K/gs], offsets [R, K/gs]).
+std::vector<torch::Tensor> int4_mse_grid(torch::Tensor w, int64_t gs, torch::Tensor shrinks, int64_t refits) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(), "w: contiguous float32 [R, K]");
+  TORCH_CHECK(gs > 0 && gs <= 1024 && w.size(1) % gs == 0, "int4_mse_grid: K a multiple of gs (<= 1024)");
+  TORCH_CHECK(shrinks.scalar_type() == at::kFloat && shrinks.dim() == 1 && shrinks.numel() > 0 && refits >= 0,
+              "shrinks: a non-empty 1-D float32 tensor; refits >= 0");
+  const int64_t R = w.size(0), K = w.size(1), G = K / gs, S = shrinks.numel();
+  auto q = torch::empty({R, K}, w.options().dtype(at::kByte));
+  auto sc = torch::empty({R, G}, w.options()), off = torch::empty({R, G}, w.options());
+  const float* wp = w.data_ptr<float>();
+  const auto sh = shrinks.contiguous();
+  const float* shp = sh.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = sc.data_ptr<float>();
+  float* mp = off.data_ptr<float>();
+  at::parallel_for(0, R * G, 64, [&](int64_t g0, int64_t g1) {
+    float qf[1024], best_q[1024];
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const float* x = wp + gi * gs;
+      float lo, hi;
+      mse_minmax(x, gs, lo, hi);
+      float best_err = INFINITY, best_s = 0.f, best_m = lo;
+      for (int64_t c = 0; c < S; ++c) {
+        float s = (hi - lo) * (shp[c] / 15.0f), m = lo * shp[c];
+        for (int64_t step = 0; step <= refits; ++step) {
+          const float err = mse_round(x, gs, m, s > 0 ? 1.0f / s : 1.0f, s, qf);
+          if (err < best_err) {
+            best_err = err, best_s = s, best_m = m;
+            std::memcpy(best_q, qf, gs * sizeof(float));
+          }
+          if (step == refits) break;
+          float sq, sw, sqq, sqw;
+          mse_sums(x, qf, gs, sq, sw, sqq, sqw);
+          const float n = static_cast<float>(gs), det = n * sqq - sq * sq;
+          if (det > 0) {
+            const float s2 = (n * sqw - sq * sw) / det;
+            if (s2 > 0) s = s2, m = (sw - s2 * sq) / n;
+          }
+        }
+      }
+      for (int64_t k = 0; k < gs; ++k) qp[gi * gs + k] = static_cast<uint8_t>(best_q[k]);
+      sp[gi] = best_s, mp[gi] = best_m;
+    }
+  });
+  return {q, sc, off};
+}
