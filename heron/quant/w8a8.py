@@ -3,13 +3,13 @@ at run time (dynamic, symmetric), multiplied as integers (ZeroQuant / SmoothQuan
 smoothing step).
 
     x[m, :] ~ qx[m, :] * sx[m]             qx in [-127, 127], sx = absmax(x[m]) / 127
-                                           (7 bits, [-63, 63], on CPUs without VNNI: see ACT_QMAX)
     w[n, :] ~ qw[n, :] * sw[n]             qw in [-127, 127] (heron.quant.weight_only.quantize_int8)
+                                           (7 bits, [-63, 63], on CPUs without VNNI: see WEIGHT_QMAX)
     y[m, n] = sx[m] * sw[n] * sum_k qx[m, k] * qw[n, k]        (int32 accumulation)
 
 The integer matmul is oneDNN's quantized linear (`onednn::qlinear_pointwise`, VNNI / AMX-INT8 on
 CPUs that have them) on a weight prepacked once; oneDNN takes unsigned activations, so qx is
-shifted by 128 and passed with zero point 128 (64 with 7-bit codes); the kernel applies the per-channel weight scale
+shifted by 128 and passed with zero point 128; the kernel applies the per-channel weight scale
 in its float32 output, the per-token scale follows in place, then one rounding to the model
 dtype. (Asking the kernel for bf16 output directly is ~10-20% faster at 1,024 rows but adds
 errors up to ~0.8% of an element, more than its rounding explains.) Without oneDNN,
@@ -35,11 +35,14 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags().split()))
 
 
-# Activation codes: 8 bits where the CPU has VNNI; 7 bits elsewhere (qx in [-63, 63], shifted by
-# 64 into [1, 127]: a pair of products is at most 2 x 127 x 127 = 32,258, so VPMADDUBSW never
-# saturates). With 8 bits on an AVX2-only CPU oneDNN's result was 0.34% off the exact integer
-# product on average (measured on random data), with 7 bits it is exact.
-ACT_QMAX = 127 if cpu_has_vnni() else 63
+# Code ranges. With VNNI (or AMX-INT8) both operands take 8 bits. Without it oneDNN multiplies
+# with VPMADDUBSW, which adds the u8 x s8 products of input columns (2i, 2i+1) in saturating
+# int16: 8-bit codes on both sides overflow it (0.34% off the exact integer product on average,
+# random data). So there the weights take 7 bits: 255 x (63 + 63) = 32,130 fits, and the products
+# are exact. (7-bit activations instead, the choice until 2026-12-07, cost more: full-text
+# perplexity +6.1% against +3.7% for 7-bit weights with alpha 0.5, on a Zen 3 VM.)
+ACT_QMAX = 127
+WEIGHT_QMAX = 127 if cpu_has_vnni() else 63
 _ZERO_POINT = ACT_QMAX + 1
 
 
@@ -54,7 +57,9 @@ def quantize_activations(x: torch.Tensor, offset: int = 0, smooth: torch.Tensor 
     float32): (codes [M, K] in [-qmax, qmax] as int8, or shifted by `offset` (qmax + 1) into
     [1, 2 qmax + 1] as uint8; scales [M, 1] float32). qmax defaults to ACT_QMAX."""
     qmax = ACT_QMAX if qmax is None else qmax
-    xf = x.float() if smooth is None else x.float().div_(smooth)
+    xf = x.to(torch.float32, copy=True)           # a copy: x (maybe float32 already) stays as it is
+    if smooth is not None:
+        xf.div_(smooth)
     s = xf.abs().amax(dim=1, keepdim=True) / float(qmax)
     s = torch.where(s > 0, s, torch.ones_like(s))
     q = xf.div_(s).round_()
@@ -88,10 +93,10 @@ class W8A8Weight:
         """`smooth` [K] (SmoothQuant's per-input-channel s, positive): quantize W diag(s) and
         divide activations by s, moving their outlier channels' range into the weight."""
         if smooth is None:
-            return cls(quantize_int8(weight))
+            return cls(quantize_int8(weight, qmax=WEIGHT_QMAX))
         if smooth.shape != (weight.shape[1],) or not bool((smooth > 0).all()):
             raise ValueError(f"smooth must be {weight.shape[1]} positive per-input-channel scales")
-        return cls(quantize_int8(weight.float() * smooth.float()[None, :]), smooth)
+        return cls(quantize_int8(weight.float() * smooth.float()[None, :], qmax=WEIGHT_QMAX), smooth)
 
     def __repr__(self) -> str:
         return f"W8A8Weight(out_features={self.out_features}, in_features={self.in_features}, nbytes={self.nbytes()})"
@@ -136,7 +141,16 @@ class W8A8Weight:
 
 
 # ---- SmoothQuant (Xiao et al., 2023) ---------------------------------------------------------------
-SMOOTH_ALPHA = 0.65          # migration strength (see smooth_scales)
+SMOOTH_ALPHA = 0.65          # migration strength (see smooth_scales), 8-bit weights (VNNI)
+SMOOTH_ALPHA_7BIT = 0.5      # 7-bit weights (no VNNI): less of the activations' range moved into them
+
+
+def default_smooth_alpha() -> float:
+    """`smoothquant_alpha`'s default: 0.65 where weights take 8 bits, 0.5 where they take 7 (full
+    text, Zen 3 VM, 7-bit weights: alpha 0.35 / 0.5 / 0.65 gave +5.2% / +3.7% / +4.5%)."""
+    return SMOOTH_ALPHA if WEIGHT_QMAX == 127 else SMOOTH_ALPHA_7BIT
+
+
 CALIBRATION_TOKENS = 4096    # of heron/quant/data/calibration.txt (not the perplexity text)
 CALIBRATION_CONTEXT = 1024
 
@@ -210,6 +224,6 @@ def smoothquant_model(runner, tokenizer, alpha: float = SMOOTH_ALPHA, text: str 
     for name, module in runner.model.named_modules():
         if name in act_max:
             smooth[name] = smooth_scales(act_max[name], module.weight, alpha)
-    summary = quantize_model(runner.model, "w8a8", smooth=smooth)
+    summary = quantize_model(runner.model, "w8a8", smooth=smooth, lm_head=runner.config.quantization_lm_head)
     summary.update(smoothquant_alpha=alpha, calibration_tokens=sum(len(w) for w in windows))
     return summary

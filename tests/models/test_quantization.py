@@ -240,9 +240,9 @@ def test_w8a8_layers_and_their_rule_per_batch_size(tiny):
     diff = _prompt_logprob_diff(q, _llm(tiny, quantization="int8"))
     assert diff.max() > 0                            # the activations were quantized
     # (logprobs around -12 on this random model; a wrong scale or zero point moves them by units;
-    # the bounds scale with the activation step, twice as coarse with 7-bit codes on CPUs without VNNI)
-    from heron.quant.w8a8 import ACT_QMAX
-    step = 127 / ACT_QMAX
+    # the bounds scale with the weight step, twice as coarse with 7-bit codes on CPUs without VNNI)
+    from heron.quant.w8a8 import WEIGHT_QMAX
+    step = 127 / WEIGHT_QMAX
     assert diff.mean() < 0.1 * step and diff.max() < 0.4 * step
 
 
@@ -271,12 +271,16 @@ def test_w8a8_smoothquant_calibrates_and_keeps_the_model(tiny):
     diff = _prompt_logprob_diff(q, _llm(tiny, quantization="int8"))
     # (this random model's channels are far less even than a trained one's, and smoothing costs
     # it accuracy: ~0.2 mean here vs ~0.05 unsmoothed; the real model gains, see the slow test)
-    from heron.quant.w8a8 import ACT_QMAX
-    step = 127 / ACT_QMAX           # 7-bit activation codes on CPUs without VNNI: twice the step
+    from heron.quant.w8a8 import WEIGHT_QMAX
+    step = 127 / WEIGHT_QMAX        # 7-bit weight codes on CPUs without VNNI: twice the step
     assert diff.mean() < 0.5 * step and diff.max() < 1.5 * step
     # a KV pool smaller than a calibration window: the windows shrink to fit
     small = _llm(tiny, quantization="w8a8", num_kv_blocks=12)
     assert small.engine.runner.quant_summary["calibration_tokens"] > 1000
+    # --quantization-lm-head applies with smoothing too
+    head8 = _llm(tiny, quantization="w8a8", quantization_lm_head="int8")
+    heads = [m for m in head8.engine.runner.model.modules() if isinstance(m, ParallelLMHead)]
+    assert heads and all(m.quant.method == "int8" for m in heads)
     with pytest.raises(ValueError, match=r"smoothquant_alpha must be in \[0, 1\)"):
         EngineConfig(quantization="w8a8", smoothquant_alpha=1.5)
 
@@ -304,9 +308,10 @@ def test_quantize_model_reports_sizes():
 @pytest.mark.slow
 def test_default_model_perplexity():
     """On the first 1,024 tokens of the shipped text (the full text: `heron eval perplexity`).
-    int8 meets issue 6's +1%, w8a8 (smoothed) its +3%; int4 round-to-nearest does not meet its +10% on this model
-    (+61.5% on the full text: the GGUF's layers are mostly 5-bit and up), so for int4 this
-    only guards against a broken path: worse than int8, far better than noise."""
+    int8 meets issue 6's +1%, w8a8 (smoothed) its +3% where the CPU has VNNI; int4 does not meet
+    its +10% on this model (full text +44% on the mse grid, +62% on the min/max one: the GGUF's
+    layers are mostly 5-bit and up), so for int4 this guards the path (the unit tests pin the
+    grid's gain)."""
     from heron.eval.perplexity import default_eval_text, perplexity
     text = default_eval_text()
     ppl = {}
@@ -315,14 +320,13 @@ def test_default_model_perplexity():
         ppl[method] = perplexity(llm, text, 1024, max_tokens=1023)["perplexity"]
         del llm
     assert ppl["int8"] <= ppl[None] * 1.01
-    # w8a8 with SmoothQuant (the default): issue 6's +3% where activations take 8 bits (VNNI;
-    # full text: +2.2%; unsmoothed +3.7%). Without VNNI they take 7 (heron.quant.w8a8.ACT_QMAX)
-    # and the +3% is not met: +2.9% here with torch's float32 GeGLU, +3.8% with the fused one,
-    # whose results differ from torch's only in last bits (2026-12-07, Zen 3) -- 7-bit codes
-    # make w8a8's perplexity move by ~1% with such changes. So there: +5%.
-    from heron.quant.w8a8 import ACT_QMAX
-    assert ppl["int8"] < ppl["w8a8"] <= ppl[None] * (1.03 if ACT_QMAX == 127 else 1.05)
-    assert ppl["int8"] < ppl["int4"] <= ppl[None] * 2.0
+    # w8a8 with SmoothQuant (the default): issue 6's +3% where both operands take 8 bits (VNNI;
+    # full text: +2.2%; unsmoothed +3.7%). Without VNNI the weights take 7 bits
+    # (heron.quant.w8a8.WEIGHT_QMAX): +2.5% here, +3.7% on the full text (2026-12-07, Zen 3).
+    from heron.quant.w8a8 import WEIGHT_QMAX
+    assert ppl["int8"] < ppl["w8a8"] <= ppl[None] * (1.03 if WEIGHT_QMAX == 127 else 1.04)
+    # int4 g64 on the mse grid: +38% here (Zen 3 VM)
+    assert ppl["int8"] < ppl["int4"] <= ppl[None] * 1.5
 
 
 # ---- --quantization gguf: a GGUF's own quantized weights ------------------------------------------

@@ -20,17 +20,50 @@ def test_activation_codes_are_per_token_and_symmetric():
     assert s.flatten().tolist() == pytest.approx([1 / 127, 1.0, 2.0])
     assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 0, -64]]     # round half to even: 0.5 -> 0, -63.5 -> -64
     x = torch.tensor([[0.4, -1.0, 0.2], [0.0, 0.0, 0.0], [252.0, 2.0, -126.0]])
-    q, s = quantize_activations(x, qmax=63)                             # 7 bits (CPUs without VNNI)
+    q, s = quantize_activations(x, qmax=63)                             # 7-bit codes (qmax=63)
     assert s.flatten().tolist() == pytest.approx([1 / 63, 1.0, 4.0])
     assert q.tolist() == [[25, -63, 13], [0, 0, 0], [63, 0, -32]]       # 0.5 -> 0, -31.5 -> -32
     u, _ = quantize_activations(x, offset=64, qmax=63)
     assert u.dtype == torch.uint8 and u.tolist() == [[89, 1, 77], [64, 64, 64], [127, 64, 32]]
 
 
-def test_activation_bits_follow_the_cpu():
-    """8-bit activations only where u8 x s8 products accumulate in int32 (VNNI / AMX-INT8)."""
-    from heron.quant.w8a8 import ACT_QMAX, _ZERO_POINT, cpu_has_vnni
-    assert (ACT_QMAX, _ZERO_POINT) == ((127, 128) if cpu_has_vnni() else (63, 64))
+def test_weight_bits_follow_the_cpu():
+    """8-bit weights only where u8 x s8 products accumulate in int32 (VNNI / AMX-INT8); 7 bits
+    elsewhere, and a smaller default SmoothQuant alpha there. Activations always take 8."""
+    from heron.config import EngineConfig
+    from heron.quant.w8a8 import ACT_QMAX, WEIGHT_QMAX, _ZERO_POINT, cpu_has_vnni
+    assert (ACT_QMAX, _ZERO_POINT) == (127, 128)
+    assert WEIGHT_QMAX == (127 if cpu_has_vnni() else 63)
+    assert EngineConfig(quantization="w8a8").smoothquant_alpha == (0.65 if cpu_has_vnni() else 0.5)
+    assert EngineConfig(quantization="w8a8", smoothquant_alpha=0.3).smoothquant_alpha == 0.3
+    q = W8A8Weight.quantize(torch.randn(32, 64))
+    assert int(q.int8.qweight.abs().max()) == WEIGHT_QMAX
+
+
+def test_integer_matmul_is_exact_at_the_largest_codes():
+    """Every product at its largest magnitude (u8 255 or 1 against +-WEIGHT_QMAX, the same sign
+    along each pair of columns): the case where VPMADDUBSW's int16 pair sums saturate when the
+    code ranges are too wide for the CPU. The result must be the exact integer product."""
+    if not _onednn_available():
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    from heron.quant.w8a8 import WEIGHT_QMAX
+    k = 640
+    signs = torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(k // 4)
+    w = torch.stack([signs, -signs, torch.ones(k), -torch.ones(k)]) * 0.01       # every code +-WEIGHT_QMAX
+    q = W8A8Weight.quantize(w)
+    assert int(q.int8.qweight[:, :k].abs().min()) == WEIGHT_QMAX
+    x = torch.stack([signs, -signs, torch.ones(k), -torch.ones(k), torch.ones(k) * 3]).float()   # every code +-127
+    out = q.matmul_large(x)
+    assert torch.allclose(out.double(), _reference(q, x), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(out, x @ q.dequantize(torch.float32).T, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_quantization_leaves_its_input_alone():
+    x = torch.randn(6, 64)
+    x0 = x.clone()
+    quantize_activations(x, 128, torch.rand(64) + 0.5)
+    quantize_activations(x)
+    assert torch.equal(x, x0)
 
 
 @pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
