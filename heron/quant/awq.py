@@ -28,7 +28,9 @@ Where 1/s goes (heron.quant.awq.apply_awq), exact with heron's layers:
     With grouped-query attention one v channel feeds an o_proj input channel in each of the
     query heads of its group, so those channels share one scale: `a` is averaged over the
     heads of each group first. q/k/v is quantized after this fold.
-No clipping search (AWQ's second step) is done.
+Then AWQ's second step, its clip search: each scaled weight is rounded on the clipped range per
+group with the smallest output error on the calibration inputs (heron.quant.grid.rtn_clipped,
+with the Hessian of the inputs the runtime really sees, x times the realized factor).
 
 Calibration is non-sequential: all statistics come from one pass of the unquantized model
 (heron.quant.calibration). Deterministic.
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from heron.quant.gptq import output_error
-from heron.quant.grid import rtn
+from heron.quant.grid import rtn, rtn_clipped
 
 __all__ = ["ALPHA_GRID", "apply_awq", "awq_scales", "search_scale"]
 
@@ -102,6 +104,12 @@ def _norm_realize(norm: nn.Module):
     return realize, fold
 
 
+def _scaled_hessian(h: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The Hessian of the inputs x * factor (per channel) the scaled weight multiplies."""
+    f = factor.float()
+    return h.float() * f[:, None] * f[None, :]
+
+
 def _scale_rows(layer: nn.Module, r0: int, r1: int, factor: torch.Tensor) -> None:
     """Multiply output rows r0:r1 of a linear layer (weight and bias) by factor [r1 - r0]."""
     layer.weight.data[r0:r1] *= factor[:, None].to(layer.weight.dtype)
@@ -117,9 +125,9 @@ def _mlp_norm(layer: nn.Module) -> nn.Module:
 @torch.no_grad()
 def apply_awq(layer: nn.Module, stats: dict, group_size: int, grid: int = ALPHA_GRID) -> dict[str, tuple]:
     """Search and fold AWQ scales for one decoder layer (heron's Gemma 3 / Llama layers, float32),
-    then quantize its four linear layers by RTN. `stats` maps the layer's linear modules
-    ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj") to their
-    heron.quant.calibration.InputStats. Modifies the layer's float weights (the folds); returns
+    then quantize its four linear layers by RTN on clipped ranges (rtn_clipped). `stats` maps the
+    layer's linear modules ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+    "mlp.down_proj") to their heron.quant.calibration.InputStats. Modifies the layer's float weights (the folds); returns
     {module: (IntWeight, alpha)}."""
     attn, mlp = layer.self_attn, layer.mlp
     if not all(hasattr(attn, a) for a in ("qkv_proj", "o_proj", "num_heads", "num_kv_heads", "head_dim")) or \
@@ -135,7 +143,7 @@ def apply_awq(layer: nn.Module, stats: dict, group_size: int, grid: int = ALPHA_
     o = attn.o_proj
     s, factor, alpha, _ = search_scale(o.weight, st.hessian(), a, group_size, grid=grid)
     o.weight.data *= s[None, :].to(o.weight.dtype)
-    out["self_attn.o_proj"] = (rtn(o.weight, 4, group_size), alpha)
+    out["self_attn.o_proj"] = (rtn_clipped(o.weight, group_size, _scaled_hessian(st.hessian(), factor)), alpha)
     v0 = attn.q_size + attn.kv_size
     _scale_rows(attn.qkv_proj, v0, v0 + attn.kv_size, factor.view(hkv, hq // hkv, d)[:, 0].reshape(-1))
 
@@ -144,7 +152,7 @@ def apply_awq(layer: nn.Module, stats: dict, group_size: int, grid: int = ALPHA_
     down, gate_up = mlp.down_proj, mlp.gate_up_proj
     s, factor, alpha, _ = search_scale(down.weight, st.hessian(), st.abs_mean(), group_size, grid=grid)
     down.weight.data *= s[None, :].to(down.weight.dtype)
-    out["mlp.down_proj"] = (rtn(down.weight, 4, group_size), alpha)
+    out["mlp.down_proj"] = (rtn_clipped(down.weight, group_size, _scaled_hessian(st.hessian(), factor)), alpha)
     inter = down.in_features
     _scale_rows(gate_up, inter, 2 * inter, factor)
 
@@ -156,5 +164,5 @@ def apply_awq(layer: nn.Module, stats: dict, group_size: int, grid: int = ALPHA_
         s, factor, alpha, _ = search_scale(lin.weight, st.hessian(), st.abs_mean(), group_size, realize, grid)
         lin.weight.data *= s[None, :].to(lin.weight.dtype)
         fold(s)
-        out[name] = (rtn(lin.weight, 4, group_size), alpha)
+        out[name] = (rtn_clipped(lin.weight, group_size, _scaled_hessian(st.hessian(), factor)), alpha)
     return out

@@ -36,6 +36,7 @@ __all__ = [
     "int4_quantize",
     "int8_params",
     "rtn",
+    "rtn_clipped",
 ]
 
 MIN_SCALE = 2.0 ** -14   # fp16's smallest normal number
@@ -149,3 +150,38 @@ def rtn(w: torch.Tensor, bits: int, group_size: int | None = None) -> IntWeight:
     s, z = int4_params(wg.amin(dim=-1), wg.amax(dim=-1))
     q = int4_quantize(wg, s[..., None], z[..., None])
     return IntWeight(4, q.view(n, k).to(torch.uint8), s, z, group_size)
+
+
+CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+def rtn_clipped(w: torch.Tensor, group_size: int, hessian: torch.Tensor,
+                shrinks: tuple = CLIP_SHRINKS) -> IntWeight:
+    """int4 round to nearest on the grid of a clipped range (AWQ's second step, its clip search):
+    per group, the range [min, max] * shrink with the shrink in `shrinks` (1.0 first: rtn's grid)
+    whose codes give the smallest output error on the calibration inputs, d H_gg d^T with d the
+    group's weight error and H_gg the group's diagonal block of the inputs' Hessian [K, K].
+    The same integer grid as rtn, so the codes go into the same checkpoint layouts."""
+    w = w.detach().float()
+    n, k = w.shape
+    check_int4_group(group_size, k, "rtn_clipped")
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"rtn_clipped: hessian must be [{k}, {k}], got {tuple(hessian.shape)}")
+    g = k // group_size
+    wg = w.view(n, g, group_size)
+    idx = torch.arange(g)
+    hb = hessian.float().view(g, group_size, g, group_size)[idx, :, idx, :]      # [G, gs, gs] diagonal blocks
+    wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    best = None
+    for shrink in shrinks:
+        s, z = int4_params(wmin * shrink, wmax * shrink)
+        q = int4_quantize(wg, s[..., None], z[..., None])
+        d = int4_dequantize(q, s[..., None], z[..., None]) - wg                   # [N, G, gs]
+        err = torch.einsum("ngi,gij,ngj->ng", d, hb, d)
+        if best is None:
+            best = [q, s, z, err]
+        else:
+            better = err < best[3]
+            best = [torch.where(better[..., None], q, best[0]), torch.where(better, s, best[1]),
+                    torch.where(better, z, best[2]), torch.where(better, err, best[3])]
+    return IntWeight(4, best[0].view(n, k).to(torch.uint8), best[1], best[2], group_size)
