@@ -4,8 +4,9 @@ quantized ones, as a transform after loading; the model files do not change.
 Weight-only methods (heron.quant.weight_only): `int8` (symmetric, per output channel, or
 group-wise with `--quantization-group-size`: float32 sums in heron's gemv_q8g) and
 `int4` (asymmetric, group-wise along the input, round-to-nearest on the grid with the smallest
-squared error per group: weight_only.mse_int4_codes; `--quantization-group-size`, default 64). The layers keep only the packed weight, and run heron's GEMV kernels on it for few
-rows (gemv_q8 / gemv_q4, where built) or torch's packed CPU kernels (`_weight_int8pack_mm`,
+squared error per group: weight_only.mse_int4_codes; `--quantization-group-size`, default 64).
+The layers keep only the packed weight, and run heron's GEMV kernels on it for few rows
+(gemv_q8 / gemv_q4, where built) or torch's packed CPU kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`): activations stay in the model dtype.
 When the LM head is tied to the token embedding (Gemma), the embedding looks its rows up in
 the LM head's quantized weight (dequantizing only the rows it needs), so the 262k x 640 table

@@ -127,8 +127,8 @@ def apply_awq(layer: nn.Module, stats: dict, group_size: int, grid: int = ALPHA_
     """Search and fold AWQ scales for one decoder layer (heron's Gemma 3 / Llama layers, float32),
     then quantize its four linear layers by RTN on clipped ranges (rtn_clipped). `stats` maps the
     layer's linear modules ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
-    "mlp.down_proj") to their heron.quant.calibration.InputStats. Modifies the layer's float weights (the folds); returns
-    {module: (IntWeight, alpha)}."""
+    "mlp.down_proj") to their heron.quant.calibration.InputStats. Modifies the layer's float
+    weights (the folds); returns {module: (IntWeight, alpha)}."""
     attn, mlp = layer.self_attn, layer.mlp
     if not all(hasattr(attn, a) for a in ("qkv_proj", "o_proj", "num_heads", "num_kv_heads", "head_dim")) or \
             not all(hasattr(mlp, a) for a in ("gate_up_proj", "down_proj")):

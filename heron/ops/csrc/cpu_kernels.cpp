@@ -2191,7 +2191,8 @@ static inline float mse_round(const float* x, int64_t n, float m, float inv, flo
     __m256 acc = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
-      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(xv, vm), vi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(xv, vm), vi),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       v = _mm256_min_ps(_mm256_max_ps(v, z), f);
       _mm256_storeu_ps(qf + k, v);
       const __m256 d = _mm256_sub_ps(_mm256_fmadd_ps(v, vs, vm), xv);
