@@ -717,8 +717,8 @@ def mse_int4_codes(w: torch.Tensor, group_size: int, shrinks: tuple = MSE_SHRINK
     from heron.ops.cpu import load_kernel
     ops = load_kernel() if use_kernel else None
     if ops is not None:
-        q, s, m = ops.int4_mse_grid(w.contiguous(), group_size, torch.tensor(shrinks, dtype=torch.float32), refits)
-        return q, s, m
+        return tuple(ops.int4_mse_grid(w.contiguous(), group_size, torch.tensor(shrinks, dtype=torch.float32),
+                                       refits))
     r, k = w.shape
     wc = w.view(r, k // group_size, group_size)
     lo0, hi0 = wc.amin(-1, keepdim=True), wc.amax(-1, keepdim=True)

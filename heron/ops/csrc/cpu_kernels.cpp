@@ -1240,14 +1240,17 @@ void gemv_q4_impl(const uint16_t* x, const uint8_t* w, const uint32_t* sz, const
 // once) is multiplied in with float32 FMAs; the scales are applied per row (int8) or per group
 // (int4, group-wise int8). Each output is summed in the same order whatever M is, and rounded
 // once to bf16 (gemv_q8g: to x's dtype).
-#if defined(__AVX2__) && defined(__FMA__) && !(defined(__AVX512BF16__) && defined(__AVX512VBMI__))
+#if defined(__AVX2__)
+// the sum of a vector's 8 floats (the AVX2 GEMVs below, int4_mse_grid)
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+#endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !(defined(__AVX512BF16__) && defined(__AVX512VBMI__))
 // a result rounded to bf16, stored as bf16 bits or as the float32 of that value (float32 callers)
 inline void store_bf(uint16_t* o, float v) { *o = f2bf(v); }
 inline void store_bf(float* o, float v) { *o = round_bf(v); }
@@ -2155,14 +2158,6 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
 }
 
 // int4_mse_grid's steps on one group of n floats (AVX2 where n % 8 == 0, else scalar)
-#if defined(__AVX2__) && defined(__FMA__)
-static inline float mse_hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 static inline void mse_minmax(const float* x, int64_t n, float& lo, float& hi) {
   lo = hi = x[0];
 #if defined(__AVX2__) && defined(__FMA__)
@@ -2198,7 +2193,7 @@ static inline float mse_round(const float* x, int64_t n, float m, float inv, flo
       const __m256 d = _mm256_sub_ps(_mm256_fmadd_ps(v, vs, vm), xv);
       acc = _mm256_fmadd_ps(d, d, acc);
     }
-    return mse_hsum8(acc);
+    return hsum8(acc);
   }
 #endif
   float err = 0.f;
@@ -2221,7 +2216,7 @@ static inline void mse_sums(const float* x, const float* q, int64_t n, float& sq
       a = _mm256_add_ps(a, qv), b = _mm256_add_ps(b, xv);
       c = _mm256_fmadd_ps(qv, qv, c), d = _mm256_fmadd_ps(qv, xv, d);
     }
-    sq = mse_hsum8(a), sw = mse_hsum8(b), sqq = mse_hsum8(c), sqw = mse_hsum8(d);
+    sq = hsum8(a), sw = hsum8(b), sqq = hsum8(c), sqw = hsum8(d);
     return;
   }
 #endif
