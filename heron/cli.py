@@ -40,11 +40,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "per-token int8 activations (integer matmuls for large batches), gguf = keep a GGUF's own "
                         "quantized weights in the closest of those formats; gptq / awq: optional, a GPTQ / AWQ "
                         "checkpoint (config.json quantization_config) always loads quantized (default: none)")
-    g.add_argument("--smoothquant-alpha", type=float, default=None,
-                   help="w8a8: SmoothQuant migration strength in [0, 1); activations are divided per input "
-                        "channel by max|x|^a / max|w|^(1-a), calibrated at start-up on a 4,096-token text "
-                        "(~10-20 s); 0 = no smoothing (default: 0.65 on CPUs with VNNI / AMX-INT8, 0.5 on "
-                        "others, where the weights take 7 bits)")
+    g.add_argument("--smoothquant-alpha", default=None, metavar="auto|A",
+                   help="w8a8: SmoothQuant migration strength, a number in [0, 1) or auto; activations are "
+                        "divided per input channel by max|x|^A / max|w|^(1-A), calibrated at start-up on a "
+                        "4,096-token text; auto tries A in 0, 0.2, ..., 0.8 on each layer and keeps the one "
+                        "whose quantized outputs on the calibration text are closest (~20-40 s); 0 = no "
+                        "smoothing, no calibration (default: auto)")
     g.add_argument("--quantization-group-size", type=int, default=None,
                    help="int4: input columns per scale/zero group, 32, 64, 128 or 256 (default: 64); int8: "
                         "one scale per this many input columns, 16, 32, 64, 128 or 256, instead of one per "

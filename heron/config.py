@@ -85,8 +85,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"              # auto (the model dtype) | int8 | fp8 (8-bit codes + a scale per token and head)
     quantization: str | None = None           # None | int8 | int4 | w8a8 | gguf | gptq | awq (applied after loading)
     quantization_group_size: int | None = None  # int4: columns per scale/zero group (None: 64); int8: None = per channel, else group-wise
-    smoothquant_alpha: float | None = None    # w8a8: SmoothQuant migration strength (0 = no smoothing, no calibration;
-                                              # None: 0.65 on CPUs with VNNI, 0.5 without, heron.quant.w8a8)
+    smoothquant_alpha: float | str | None = None  # w8a8: SmoothQuant migration strength in [0, 1) (0 = no smoothing, no
+                                              # calibration), or "auto" (None too): searched per layer (heron.quant.w8a8)
     quantization_lm_head: str = "auto"        # auto | int8 | int4: the LM head's (and a tied embedding's) format
     speculative: str | None = None            # None | ngram | self-int4 | draft:MODEL (heron/spec)
     num_speculative_tokens: int | None = None # most drafts per request and step; None: 8 for ngram, 5 for self-int4, 3 for draft:MODEL
@@ -120,11 +120,8 @@ class EngineConfig:
             raise ValueError("the KV offload tiers extend the prefix cache; they need prefix caching on "
                              "(drop --no-prefix-caching or the --kv-offload-* options)")
         from heron.runner.kv_cache import kv_code_dtype
-        if self.smoothquant_alpha is None:
-            from heron.quant.w8a8 import default_smooth_alpha
-            self.smoothquant_alpha = default_smooth_alpha()
-        if not 0.0 <= self.smoothquant_alpha < 1.0:
-            raise ValueError(f"smoothquant_alpha must be in [0, 1), got {self.smoothquant_alpha}")
+        from heron.quant.w8a8 import check_alpha
+        self.smoothquant_alpha = check_alpha(self.smoothquant_alpha)   # "auto" or a float in [0, 1)
         kv_code_dtype(self.kv_cache_dtype)  # ValueError naming the allowed values (and fp8 without torch support)
         if self.speculative in ("none", ""):
             self.speculative = None

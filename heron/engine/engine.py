@@ -92,8 +92,10 @@ class Engine:
             t1 = time.monotonic()
             self.runner.quant_summary = smoothquant_model(self.runner, self.tokenizer, config.smoothquant_alpha)
             self.runner.needs_smoothquant = False
-            logger.info("w8a8 with SmoothQuant (alpha %.2f): calibrated on %d tokens in %.1fs",
-                        config.smoothquant_alpha, self.runner.quant_summary["calibration_tokens"],
+            alphas = list(self.runner.quant_summary["alphas"].values())
+            logger.info("w8a8 with SmoothQuant (alpha %s: %.2f-%.2f over %d layers, mean %.2f): calibrated on %d "
+                        "tokens in %.1fs", config.smoothquant_alpha, min(alphas), max(alphas), len(alphas),
+                        sum(alphas) / len(alphas), self.runner.quant_summary["calibration_tokens"],
                         time.monotonic() - t1)
         self.kv_tiers = self._make_kv_tiers()
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,

@@ -71,7 +71,7 @@ class ModelRunner:
             self.model.load_weights(weights)
         # w8a8 with SmoothQuant needs the model running (calibration): the engine does it once
         # the KV cache exists (heron.quant.w8a8.smoothquant_model)
-        self.needs_smoothquant = config.quantization == "w8a8" and config.smoothquant_alpha > 0 and ckpt is None
+        self.needs_smoothquant = config.quantization == "w8a8" and config.smoothquant_alpha != 0 and ckpt is None
         if config.quantization is not None and ckpt is None and not self.needs_smoothquant:
             from heron.quant.apply import quantize_model
             self.quant_summary = quantize_model(self.model, config.quantization, config.quantization_group_size,

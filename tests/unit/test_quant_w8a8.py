@@ -1,5 +1,6 @@
-"""W8A8 (int8 weights per channel, int8 activations per token): the integer matmul against an
-exact reference built from the same codes, on both kernels, and the small-batch rule."""
+"""W8A8 (int8 weights per channel, 8-bit activations per token with a zero point each): the
+integer matmul against an exact reference built from the same codes, on both kernels, the
+small-batch rule, and SmoothQuant's per-layer alpha search."""
 from __future__ import annotations
 
 import pytest
@@ -8,40 +9,49 @@ import torch
 from heron.quant.w8a8 import W8A8Weight, _onednn_available, quantize_activations
 
 
-def _reference(q: W8A8Weight, x: torch.Tensor) -> torch.Tensor:
-    qx, sx = quantize_activations(x)
+def _reference(q: W8A8Weight, x: torch.Tensor, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    ux, sx, zx = quantize_activations(x, smooth)
     qw, sw = q.int8.codes()
-    return (qx.double() @ qw.double().T) * sx.double() * sw.double()[None]
+    return ((ux.double() - zx.double()) @ qw.double().T) * sx.double() * sw.double()[None]
 
 
-def test_activation_codes_are_per_token_and_symmetric():
-    x = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [254.0, 1.0, -127.0]])
-    q, s = quantize_activations(x, qmax=127)
-    assert s.flatten().tolist() == pytest.approx([1 / 127, 1.0, 2.0])
-    assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 0, -64]]     # round half to even: 0.5 -> 0, -63.5 -> -64
-    x = torch.tensor([[0.4, -1.0, 0.2], [0.0, 0.0, 0.0], [252.0, 2.0, -126.0]])
-    q, s = quantize_activations(x, qmax=63)                             # 7-bit codes (qmax=63)
-    assert s.flatten().tolist() == pytest.approx([1 / 63, 1.0, 4.0])
-    assert q.tolist() == [[25, -63, 13], [0, 0, 0], [63, 0, -32]]       # 0.5 -> 0, -31.5 -> -32
-    u, _ = quantize_activations(x, offset=64, qmax=63)
-    assert u.dtype == torch.uint8 and u.tolist() == [[89, 1, 77], [64, 64, 64], [127, 64, 32]]
+def test_activation_codes_are_per_token_with_a_zero_point():
+    x = torch.tensor([[0.5, -1.0, 0.3], [0.0, 0.0, 0.0], [255.0, 0.0, 51.0], [-2.0, -0.4, 0.0]])
+    u, s, z = quantize_activations(x)
+    assert u.dtype == torch.uint8 and s.shape == z.shape == (4, 1)
+    # each token's range [min(x, 0), max(x, 0)] over all 256 codes, 0 on the grid
+    assert s.flatten().tolist() == pytest.approx([1.5 / 255, 1.0, 1.0, 2 / 255])
+    assert z.flatten().tolist() == [170, 0, 0, 255]
+    assert u.tolist() == [[255, 0, 221], [0, 0, 0], [255, 0, 51], [0, 204, 255]]
+    # every element within half a step of its code's value (a symmetric code would be off by up
+    # to a whole step of the same token's range over 255 where the token is one-sided)
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(8, 300), torch.rand(8, 300) * 5, -torch.rand(8, 300)])
+    u, s, z = quantize_activations(x)
+    err = ((u.float() - z) * s - x).abs()
+    assert (err <= s * 0.5 + 1e-6).all()
+    assert int(u.min()) == 0 and int(u.max()) == 255
 
 
 def test_weight_bits_follow_the_cpu():
     """8-bit weights only where u8 x s8 products accumulate in int32 (VNNI / AMX-INT8); 7 bits
-    elsewhere, and a smaller default SmoothQuant alpha there. Activations always take 8."""
+    elsewhere. Activations always take 8."""
     from heron.config import EngineConfig
-    from heron.quant.w8a8 import ACT_QMAX, WEIGHT_QMAX, _ZERO_POINT, cpu_has_vnni
-    assert (ACT_QMAX, _ZERO_POINT) == (127, 128)
+    from heron.quant.w8a8 import ACT_LEVELS, WEIGHT_QMAX, cpu_has_vnni
+    assert ACT_LEVELS == 255
     assert WEIGHT_QMAX == (127 if cpu_has_vnni() else 63)
-    assert EngineConfig(quantization="w8a8").smoothquant_alpha == (0.65 if cpu_has_vnni() else 0.5)
+    assert EngineConfig(quantization="w8a8").smoothquant_alpha == "auto"
     assert EngineConfig(quantization="w8a8", smoothquant_alpha=0.3).smoothquant_alpha == 0.3
+    assert EngineConfig(quantization="w8a8", smoothquant_alpha="0.3").smoothquant_alpha == 0.3   # the CLI's string
+    for bad in (1.0, -0.1, "high", True):
+        with pytest.raises(ValueError, match=r"smoothquant_alpha must be 'auto' or a number in \[0, 1\)"):
+            EngineConfig(quantization="w8a8", smoothquant_alpha=bad)
     q = W8A8Weight.quantize(torch.randn(32, 64))
     assert int(q.int8.qweight.abs().max()) == WEIGHT_QMAX
 
 
 def test_integer_matmul_is_exact_at_the_largest_codes():
-    """Every product at its largest magnitude (u8 255 or 1 against +-WEIGHT_QMAX, the same sign
+    """Every product at its largest magnitude (u8 255 or 0 against +-WEIGHT_QMAX, the same sign
     along each pair of columns): the case where VPMADDUBSW's int16 pair sums saturate when the
     code ranges are too wide for the CPU. The result must be the exact integer product."""
     if not _onednn_available():
@@ -52,16 +62,24 @@ def test_integer_matmul_is_exact_at_the_largest_codes():
     w = torch.stack([signs, -signs, torch.ones(k), -torch.ones(k)]) * 0.01       # every code +-WEIGHT_QMAX
     q = W8A8Weight.quantize(w)
     assert int(q.int8.qweight[:, :k].abs().min()) == WEIGHT_QMAX
-    x = torch.stack([signs, -signs, torch.ones(k), -torch.ones(k), torch.ones(k) * 3]).float()   # every code +-127
+    top = lambda v: torch.where(v > 0, 127.0, -128.0)         # scale 1, zero point 128: codes 255 and 0
+    x = torch.stack([top(signs), top(-signs), torch.ones(k), -torch.ones(k), torch.ones(k) * 3]).float()
+    u = quantize_activations(x)[0]
+    assert ((u == 0) | (u == 255)).all()                      # every code 0 or 255
     out = q.matmul_large(x)
-    assert torch.allclose(out.double(), _reference(q, x), rtol=1e-6, atol=1e-6)
-    assert torch.allclose(out, x @ q.dequantize(torch.float32).T, rtol=1e-5, atol=1e-5)
+    # float32 rounding only: the zero points' term cancels most of the kernel's sum here (every
+    # weight of a row one sign), so the bound is relative to the sum of |products|; one saturated
+    # pair would be off by ~32,000 of the 255 x 63 x 640 units that sum is made of
+    wd = q.dequantize(torch.float32)
+    bound = 1e-5 * (x.abs() @ wd.abs().T).double()
+    assert ((out.double() - _reference(q, x)).abs() <= bound).all()
+    assert ((out - x @ wd.T).abs() <= bound).all()
 
 
 def test_activation_quantization_leaves_its_input_alone():
     x = torch.randn(6, 64)
     x0 = x.clone()
-    quantize_activations(x, 128, torch.rand(64) + 0.5)
+    quantize_activations(x, torch.rand(64) + 0.5)
     quantize_activations(x)
     assert torch.equal(x, x0)
 
@@ -115,10 +133,7 @@ def test_smooth_scales_move_activation_range_into_the_weight():
     q = W8A8Weight.quantize(w, s)
     out = q.matmul_large(x)
     # exact reference: codes of W diag(s), activations x / s quantized per token
-    qx, sx = quantize_activations(x, smooth=s)
-    qw, sw = q.int8.codes()
-    ref = (qx.double() @ qw.double().T) * sx.double() * sw.double()[None]
-    assert torch.allclose(out.double(), ref, rtol=2 ** -8, atol=1e-6)
+    assert torch.allclose(out.double(), _reference(q, x, s), rtol=2 ** -8, atol=1e-6)
     # smoothing helps with the outlier channel
     exact = x.float() @ w.T
     err_s = (out.float() - exact).norm()
@@ -131,3 +146,37 @@ def test_smooth_scales_move_activation_range_into_the_weight():
     assert torch.equal(q.matmul(small), q.int8.matmul((small.float() / s).to(torch.bfloat16)))
     with pytest.raises(ValueError, match="positive per-input-channel"):
         W8A8Weight.quantize(w, torch.zeros(128))
+
+
+def test_alpha_search_keeps_the_grid_value_with_the_smallest_output_error(monkeypatch):
+    import heron.quant.w8a8 as w8a8
+    torch.manual_seed(3)
+    w = torch.randn(96, 128) * 0.05
+    x = torch.randn(200, 128)
+    x[:, 7] *= 60                                   # an outlier channel: smoothing pays
+    act_max = x.abs().amax(0)
+    exact = x @ w.T
+    errs = {}
+    for a in w8a8.ALPHA_GRID:
+        s = w8a8.smooth_scales(act_max, w, a) if a > 0 else None
+        errs[a] = float((W8A8Weight.quantize(w, s).matmul_large(x) - exact).square().sum())
+    alpha, smooth = w8a8.search_alpha(act_max, w, x)
+    assert alpha == min(errs, key=errs.get) and alpha > 0
+    assert torch.equal(smooth, w8a8.smooth_scales(act_max, w, alpha))
+    # no outliers and a grid of 0 only: no smoothing
+    assert w8a8.search_alpha(x.abs().amax(0), w, torch.randn(50, 128), grid=(0.0,)) == (0.0, None)
+    # a weight with more rows than SEARCH_HEAD_ROWS is compared on evenly spaced rows; its
+    # scales still come from every row's column maxima
+    monkeypatch.setattr(w8a8, "SEARCH_HEAD_ROWS", 32)
+    w[50, 3] = 10.0                                 # a column maximum on a row the search skips
+    alpha_h, smooth_h = w8a8.search_alpha(act_max, w, x)
+    assert alpha_h > 0 and torch.equal(smooth_h, w8a8.smooth_scales(act_max, w, alpha_h))
+
+
+def test_alpha_values():
+    from heron.quant.w8a8 import check_alpha
+    assert check_alpha(None) == check_alpha("auto") == "auto"
+    assert check_alpha(0) == 0.0 and check_alpha("0.65") == 0.65
+    for bad in (1, 1.5, -0.2, "x", True, [0.5]):
+        with pytest.raises(ValueError, match="'auto' or a number in"):
+            check_alpha(bad)
