@@ -52,8 +52,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "output channel (default)")
     g.add_argument("--quantization-lm-head", default="auto", choices=["auto", "int8", "int4"],
                    help="format of the LM head (and a tied embedding) under --quantization: auto = the method's "
-                        "own (gguf: int8 for a Q8_0 head); int4 halves the single-stream decode time of the "
-                        "default model's 262k-row head at some perplexity (default: auto)")
+                        "own (int8: one scale per 64 input columns, closer to bf16's greedy outputs than per "
+                        "channel; gguf: int8 for a Q8_0 head); int8 = per output channel; int4 halves the "
+                        "single-stream decode time of the default model's 262k-row head at some perplexity "
+                        "(default: auto)")
     g = p.add_argument_group("prefix cache and KV offload")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the KV of prompt prefixes seen before (on by default: full blocks of 16 "

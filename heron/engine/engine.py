@@ -124,8 +124,10 @@ class Engine:
         model = self.runner.model
         code_dtype = self.runner.kv_code_dtype   # an 8-bit cache: codes + a float32 scale per row
         # the weights as run: a quantized model's KV differs from the same files' in bf16
+        from heron.quant.apply import QUANT_REVISION
         quant = "" if cfg.quantization is None else (f"|{cfg.quantization}:{cfg.quantization_group_size}:"
-                                                     f"{cfg.quantization_lm_head}:{cfg.smoothquant_alpha}")
+                                                     f"{cfg.quantization_lm_head}:{cfg.smoothquant_alpha}"
+                                                     f":r{QUANT_REVISION}")
         layout = KVLayout(model_id=_model_fingerprint(self.source) + quant, dtype=code_dtype or cfg.torch_dtype,
                           num_layers=self.runner.num_layers, block_size=cfg.block_size,
                           num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,

@@ -495,3 +495,34 @@ def test_default_model_gguf_perplexity():
             assert s["bytes_after"] < 0.5 * s["bytes_before"]
         del llm
     assert ppl["gguf"] <= ppl[None] * 1.01
+
+
+def test_int8_lm_head_takes_groups_of_64():
+    """--quantization int8: the layers per output channel, the LM head (and a tied embedding)
+    one scale per 64 input columns (quant_apply.INT8_LM_HEAD_GROUP_SIZE); per channel when
+    --quantization-lm-head int8 asks for it or 64 does not divide its columns."""
+    from heron.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+
+    def model(hidden):
+        torch.manual_seed(0)
+        lin = LinearBase(hidden, 32)
+        lin.weight.data.normal_()
+        emb = VocabParallelEmbedding(100, hidden)
+        emb.weight.data.normal_()
+        head = ParallelLMHead(100, hidden, tied_to=emb)
+        return torch.nn.ModuleDict(dict(lin=lin, emb=emb, head=head))
+
+    m = model(192)
+    quantize_model(m, "int8", None)
+    assert m["lin"].quant.group_size is None
+    assert m["head"].quant.group_size == quant_apply.INT8_LM_HEAD_GROUP_SIZE == 64
+    assert m["emb"].quant is m["head"].quant
+    m = model(192)
+    quantize_model(m, "int8", None, lm_head="int8")
+    assert m["head"].quant.group_size is None
+    m = model(96)
+    quantize_model(m, "int8", None)
+    assert m["head"].quant.group_size is None
+    m = model(192)
+    quantize_model(m, "int8", group_size=32)
+    assert m["lin"].quant.group_size == m["head"].quant.group_size == 32
