@@ -283,6 +283,7 @@ def test_w8a8_smoothquant_calibrates_and_keeps_the_model(tiny):
     head8 = _llm(tiny, quantization="w8a8", smoothquant_alpha=0.5, quantization_lm_head="int8")
     heads = [m for m in head8.engine.runner.model.modules() if isinstance(m, ParallelLMHead)]
     assert heads and all(m.quant.method == "int8" for m in heads)
+    assert not any("lm_head" in name for name in head8.engine.runner.quant_summary["alphas"])
     with pytest.raises(ValueError, match=r"smoothquant_alpha must be 'auto' or a number in \[0, 1\)"):
         EngineConfig(quantization="w8a8", smoothquant_alpha=1.5)
 
