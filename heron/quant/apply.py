@@ -139,12 +139,15 @@ def check_quantization(method: str | None, group_size: int, device: torch.device
                              f"model), or use --quantization int8 / int4 to quantize this one")
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 64, source=None, lm_head: str = "auto",
-                   smooth: dict | None = None) -> dict:
+def quantize_model(model: nn.Module, method: str, group_size: int | None = None, source=None,
+                   lm_head: str = "auto", smooth: dict | None = None) -> dict:
     """Quantize every linear layer and the LM head in place; returns a summary (bytes before/after).
 
-    `lm_head` ("auto" = as the other layers) gives the LM head, and a tied embedding, a format of
-    its own (int4 with `group_size`). `gguf` decodes the weights from the GGUF file's blocks
+    `group_size`: int4's columns per group (None: 64), int8's (None: one scale per output channel).
+
+    `lm_head` ("auto": as the other layers, except that int8 per channel gives the LM head groups
+    of INT8_LM_HEAD_GROUP_SIZE) gives the LM head, and a tied embedding, a format of its own (int4
+    with `group_size`; int8 per output channel). `gguf` decodes the weights from the GGUF file's blocks
     instead (heron.quant.gguf_native); `source` is then the model argument (a .gguf path, or None
     for the default model)."""
     if method == "gguf":

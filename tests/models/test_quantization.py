@@ -341,11 +341,12 @@ def test_config_errors():
 
 
 def test_quantize_model_reports_sizes():
-    lin = LinearBase(64, 48)
+    lin = LinearBase(128, 48)
     lin.weight.data.normal_()
     lin.weight.data = lin.weight.data.bfloat16()
     s = quantize_model(torch.nn.Sequential(lin), "int8")
-    assert s["layers"] == 1 and s["bytes_before"] == 64 * 48 * 2 and s["bytes_after"] < s["bytes_before"]
+    assert lin.quant.group_size is None                 # int8 without a group size: per output channel
+    assert s["layers"] == 1 and s["bytes_before"] == 128 * 48 * 2 and s["bytes_after"] < s["bytes_before"]
 
 
 @pytest.mark.slow
@@ -514,15 +515,15 @@ def test_int8_lm_head_takes_groups_of_64():
         return torch.nn.ModuleDict(dict(lin=lin, emb=emb, head=head))
 
     m = model(192)
-    quantize_model(m, "int8", None)
+    quantize_model(m, "int8")
     assert m["lin"].quant.group_size is None
     assert m["head"].quant.group_size == quant_apply.INT8_LM_HEAD_GROUP_SIZE == 64
     assert m["emb"].quant is m["head"].quant
     m = model(192)
-    quantize_model(m, "int8", None, lm_head="int8")
+    quantize_model(m, "int8", lm_head="int8")
     assert m["head"].quant.group_size is None
     m = model(96)
-    quantize_model(m, "int8", None)
+    quantize_model(m, "int8")
     assert m["head"].quant.group_size is None
     m = model(192)
     quantize_model(m, "int8", group_size=32)
