@@ -110,6 +110,16 @@ def _scaled_hessian(h: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return h.float() * f[:, None] * f[None, :]
 
 
+def _scale_and_quantize(lin: nn.Module, st, a: torch.Tensor, group_size: int, grid, realize=None) -> tuple:
+    """AWQ on one linear layer: search its input-channel scale s (search_scale), multiply its
+    weight by s, and round it on clipped ranges (rtn_clipped) against the Hessian of the inputs
+    it will see. Returns (s, the realized factor, alpha, IntWeight); the caller folds 1/s."""
+    h = st.hessian()
+    s, factor, alpha, _ = search_scale(lin.weight, h, a, group_size, realize, grid)
+    lin.weight.data *= s[None, :].to(lin.weight.dtype)
+    return s, factor, alpha, rtn_clipped(lin.weight, group_size, _scaled_hessian(h, factor))
+
+
 def _scale_rows(layer: nn.Module, r0: int, r1: int, factor: torch.Tensor) -> None:
     """Multiply output rows r0:r1 of a linear layer (weight and bias) by factor [r1 - r0]."""
     layer.weight.data[r0:r1] *= factor[:, None].to(layer.weight.dtype)
@@ -140,19 +150,16 @@ def apply_awq(layer: nn.Module, stats: dict, group_size: int, grid: int = ALPHA_
     hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     a = st.abs_mean().view(hkv, hq // hkv, d).mean(dim=1)                       # [Hkv, D]
     a = a[:, None, :].expand(hkv, hq // hkv, d).reshape(-1)
-    o = attn.o_proj
-    s, factor, alpha, _ = search_scale(o.weight, st.hessian(), a, group_size, grid=grid)
-    o.weight.data *= s[None, :].to(o.weight.dtype)
-    out["self_attn.o_proj"] = (rtn_clipped(o.weight, group_size, _scaled_hessian(st.hessian(), factor)), alpha)
+    _, factor, alpha, q = _scale_and_quantize(attn.o_proj, st, a, group_size, grid)
+    out["self_attn.o_proj"] = (q, alpha)
     v0 = attn.q_size + attn.kv_size
     _scale_rows(attn.qkv_proj, v0, v0 + attn.kv_size, factor.view(hkv, hq // hkv, d)[:, 0].reshape(-1))
 
     # down_proj: 1/s into up's rows (the second half of gate_up)
     st = stats["mlp.down_proj"]
     down, gate_up = mlp.down_proj, mlp.gate_up_proj
-    s, factor, alpha, _ = search_scale(down.weight, st.hessian(), st.abs_mean(), group_size, grid=grid)
-    down.weight.data *= s[None, :].to(down.weight.dtype)
-    out["mlp.down_proj"] = (rtn_clipped(down.weight, group_size, _scaled_hessian(st.hessian(), factor)), alpha)
+    _, factor, alpha, q = _scale_and_quantize(down, st, st.abs_mean(), group_size, grid)
+    out["mlp.down_proj"] = (q, alpha)
     inter = down.in_features
     _scale_rows(gate_up, inter, 2 * inter, factor)
 
@@ -161,8 +168,7 @@ def apply_awq(layer: nn.Module, stats: dict, group_size: int, grid: int = ALPHA_
                             ("mlp.gate_up_proj", gate_up, _mlp_norm(layer))):
         st = stats[name]
         realize, fold = _norm_realize(norm)
-        s, factor, alpha, _ = search_scale(lin.weight, st.hessian(), st.abs_mean(), group_size, realize, grid)
-        lin.weight.data *= s[None, :].to(lin.weight.dtype)
+        s, _, alpha, q = _scale_and_quantize(lin, st, st.abs_mean(), group_size, grid, realize)
         fold(s)
-        out[name] = (rtn_clipped(lin.weight, group_size, _scaled_hessian(st.hessian(), factor)), alpha)
+        out[name] = (q, alpha)
     return out

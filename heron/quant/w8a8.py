@@ -63,8 +63,8 @@ def quantize_activations(x: torch.Tensor, smooth: torch.Tensor | None = None
     xf = x.to(torch.float32, copy=True)           # a copy: x (maybe float32 already) stays as it is
     if smooth is not None:
         xf.div_(smooth)
-    lo = xf.amin(dim=1, keepdim=True).clamp_(max=0.0)
-    hi = xf.amax(dim=1, keepdim=True).clamp_(min=0.0)
+    lo, hi = torch.aminmax(xf, dim=1, keepdim=True)           # one pass over x for both
+    lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
     s = (hi - lo) / float(ACT_LEVELS)
     s = torch.where(s > 0, s, torch.ones_like(s))
     z = lo.div_(s).neg_().round_().clamp_(0, ACT_LEVELS)
