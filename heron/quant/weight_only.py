@@ -38,7 +38,8 @@ What heron stores and computes
   * int8, group-wise (`group_size` g set; --quantization int8 --quantization-group-size g):
     q [N, K] int8, scales [N, K/g] float32, one per g input columns (absmax/127, not rounded);
     matmul runs heron's gemv_q8g (float32 sums; portable C++, or AVX2 where the AVX-512 GEMVs
-    are not built) for any number of rows.
+    are not built, which from 8 rows on multiplies dequantized float32 tiles GEMM-style) for any
+    number of rows.
   * int4: packed [N', K/2] uint8 (N' = N rounded up to 16; the extra rows have scale = zero = 0
     and are sliced off the output), scales_and_zeros [K/g, N', 2] bf16 in the kernel's form.
     Zero-point convention (also what `from_int4` takes, as GPTQ/AWQ store it):

@@ -253,3 +253,28 @@ def test_gemv_q8g_matches_float64_and_checks_its_inputs():
         ops.gemv_q8g(x, q, s, 48)
     with pytest.raises(RuntimeError, match="int8 q, float32 scales"):
         ops.gemv_q8g(x, q.float(), s, 32)
+
+
+@pytest.mark.parametrize("rows", [8, 9, 16, 23, 64])
+def test_gemv_q8g_many_rows(rows):
+    """From 8 rows on, gemv_q8g runs GEMM-style on AVX2 CPUs (dequantized tiles of 48 weight rows,
+    blocks of 6 weight rows by 16 x rows): every weight row and x row lands where it belongs,
+    across tile and block edges and the zero-padded x rows, and a row's result is the same in
+    any call of 8 or more rows."""
+    ops = load_kernel()
+    g = torch.Generator().manual_seed(rows)
+    n, k = 203, 192                      # 4 tiles of 48 and one of 11 (blocks of 6 and one of 5)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, 3, generator=g) * 0.01
+    x = torch.randn(rows, k, generator=g)
+    ref = x.double() @ (q.double().view(n, 3, 64) * s.double()[..., None]).view(n, k).t()
+    out = ops.gemv_q8g(x, q, s, 64)
+    assert out.shape == (rows, n)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for r in (0, rows - 1):   # a one-hot x row reads back one weight column, exactly
+        xo = torch.zeros(rows, k)
+        xo[r, 70] = 1.0
+        col = ops.gemv_q8g(xo, q, s, 64)
+        assert torch.equal(col[r], q[:, 70].float() * s[:, 1]) and not col[torch.arange(rows) != r].any()
+    other = torch.cat([x[:8], torch.randn(5, k, generator=g)])
+    assert torch.equal(ops.gemv_q8g(other, q, s, 64)[:8], out[:8])   # the other rows of the call do not matter

@@ -1459,6 +1459,91 @@ void gemv_q8g_avx2(const float* xf, const int8_t* q, const float* sc, float* out
     for (; n < end; ++n) q8g_rows_avx2<M, 1>(xf, q, sc, out, n, N, K, gs, end);
   });
 }
+
+// gemv_q8g for many rows of x (at least kQ8gGemmRows), GEMM-style: the float32 FMAs, not memory,
+// bound such calls (the LM head, 64 rows: 16 passes of 4 rows converted every code 16 times and
+// kept 4 of 16 registers accumulating). Each thread dequantizes kQ8gTileN weight rows at a time into
+// float32 (w = q * scale, one rounding; in cache), and x is transposed once so that 8 of its rows
+// lie in one vector per input column: a block of NR weight rows times 16 rows of x is NR x 2
+// accumulators fed by one broadcast weight and two x loads per column. out[m, n] = the float32 sum
+// over k, in order, of x[m, k] * w[n, k], so a row's result does not depend on the other rows of
+// the call (as long as the call takes this path).
+constexpr int64_t kQ8gGemmRows = 8;
+constexpr int64_t kQ8gTileN = 48;
+
+template <int NR, int MV>
+inline void q8g_gemm_block(const float* xt, int64_t ldx, const float* wf, int64_t K, float* out, int64_t N,
+                           int64_t m0, int64_t rows) {
+  __m256 acc[NR][MV];
+#pragma GCC unroll 6
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 xv[MV];
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xt + k * ldx + m0 + 8 * v);
+#pragma GCC unroll 6
+    for (int r = 0; r < NR; ++r) {
+      const __m256 w = _mm256_broadcast_ss(wf + r * K + k);
+#pragma GCC unroll 2
+      for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(w, xv[v], acc[r][v]);
+    }
+  }
+  alignas(32) float lanes[8];
+#pragma GCC unroll 6
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) {
+      _mm256_store_ps(lanes, acc[r][v]);
+      const int64_t mb = m0 + 8 * v;
+      for (int j = 0; j < 8 && mb + j < rows; ++j) out[(mb + j) * N + r] = lanes[j];
+    }
+}
+
+template <int NR>
+inline void q8g_gemm_rows(const float* xt, int64_t ldx, const float* wf, int64_t K, float* out, int64_t N,
+                          int64_t rows) {
+  int64_t m0 = 0;
+  for (; m0 + 16 <= ldx; m0 += 16) q8g_gemm_block<NR, 2>(xt, ldx, wf, K, out, N, m0, rows);
+  if (m0 < ldx) q8g_gemm_block<NR, 1>(xt, ldx, wf, K, out, N, m0, rows);
+}
+
+void gemm_q8g_avx2(const float* xp, const int8_t* q, const float* sc, float* op, int64_t rows, int64_t N,
+                   int64_t K, int64_t gs) {
+  const int64_t ldx = (rows + 7) / 8 * 8, G = K / gs;
+  std::vector<float> xt(K * ldx, 0.f);   // x transposed, rows padded with zeros to a multiple of 8
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < K; ++k) xt[k * ldx + m] = xp[m * K + k];
+  const float* xtp = xt.data();
+  const int64_t tiles = (N + kQ8gTileN - 1) / kQ8gTileN;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> wf(kQ8gTileN * K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kQ8gTileN, nt = std::min<int64_t>(kQ8gTileN, N - n0);
+      for (int64_t j = 0; j < nt; ++j) {
+        const int8_t* qr = q + (n0 + j) * K;
+        float* wr = wf.data() + j * K;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 s = _mm256_set1_ps(sc[(n0 + j) * G + g]);
+          for (int64_t k = g * gs; k < (g + 1) * gs; k += 8)
+            _mm256_storeu_ps(wr + k, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr + k))))));
+        }
+      }
+      int64_t j = 0;
+      for (; j + 6 <= nt; j += 6) q8g_gemm_rows<6>(xtp, ldx, wf.data() + j * K, K, op + n0 + j, N, rows);
+      switch (nt - j) {
+        case 1: q8g_gemm_rows<1>(xtp, ldx, wf.data() + j * K, K, op + n0 + j, N, rows); break;
+        case 2: q8g_gemm_rows<2>(xtp, ldx, wf.data() + j * K, K, op + n0 + j, N, rows); break;
+        case 3: q8g_gemm_rows<3>(xtp, ldx, wf.data() + j * K, K, op + n0 + j, N, rows); break;
+        case 4: q8g_gemm_rows<4>(xtp, ldx, wf.data() + j * K, K, op + n0 + j, N, rows); break;
+        case 5: q8g_gemm_rows<5>(xtp, ldx, wf.data() + j * K, K, op + n0 + j, N, rows); break;
+        default: break;
+      }
+    }
+  });
+}
 #define HERON_GEMV_Q_AVX2 1
 #endif
 
@@ -1695,6 +1780,10 @@ torch::Tensor gemv_q8g(torch::Tensor x, torch::Tensor q, torch::Tensor scales, i
   float* op = out.data_ptr<float>();
   const int64_t G = K / group;
 #if defined(HERON_GEMV_Q_AVX2)
+  if (group % 8 == 0 && R >= kQ8gGemmRows) {
+    gemm_q8g_avx2(xp, qp, sp, op, R, N, K, group);
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  }
   if (group % 8 == 0) {   // x rows in chunks of up to 4 (each output computed the same way in any chunk)
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
       const float* xr = xp + r0 * K;
