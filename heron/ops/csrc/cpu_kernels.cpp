@@ -1238,8 +1238,9 @@ void gemv_q4_impl(const uint16_t* x, const uint8_t* w, const uint32_t* sz, const
 // ---- the same int8 / int4 GEMVs on AVX2 + FMA CPUs (no AVX-512) ------------------------------
 // No bf16 dot product here: the codes are widened to float32 in registers and x (bf16, widened
 // once) is multiplied in with float32 FMAs; the scales are applied per row (int8) or per group
-// (int4, group-wise int8). Each output is summed in the same order whatever M is, and rounded
-// once to bf16 (gemv_q8g: to x's dtype).
+// (int4, group-wise int8). Each output is summed in the same order whatever M is (gemv_q8g: up to
+// kQ8gGemmRows - 1 rows; from there on its GEMM-style variant), and rounded once to bf16
+// (gemv_q8g: to x's dtype).
 #if defined(__AVX2__)
 // the sum of a vector's 8 floats (the AVX2 GEMVs below, int4_mse_grid)
 inline float hsum8(__m256 v) {
@@ -1461,8 +1462,8 @@ void gemv_q8g_avx2(const float* xf, const int8_t* q, const float* sc, float* out
 }
 
 // gemv_q8g for many rows of x (at least kQ8gGemmRows), GEMM-style: the float32 FMAs, not memory,
-// bound such calls (the LM head, 64 rows: 16 passes of 4 rows converted every code 16 times and
-// kept 4 of 16 registers accumulating). Each thread dequantizes kQ8gTileN weight rows at a time into
+// bound such calls (the LM head at 64 rows took 16 passes of 4 rows, each widening every code
+// again, with 4 accumulators to feed per code). Each thread dequantizes kQ8gTileN weight rows at a time into
 // float32 (w = q * scale, one rounding; in cache), and x is transposed once so that 8 of its rows
 // lie in one vector per input column: a block of NR weight rows times 16 rows of x is NR x 2
 // accumulators fed by one broadcast weight and two x loads per column. out[m, n] = the float32 sum
@@ -1763,7 +1764,9 @@ void merge_part(torch::Tensor out, torch::Tensor lse, torch::Tensor rows, torch:
 // sum_{k in group g} x[r, k] * q[n, k] in float32 (a product of x and a code is exact there),
 // rounded once to x's dtype. Portable C++: 8 partial sums per group let the compiler vectorise
 // the sum without -ffast-math, and a row of q stays in cache for all R rows of x. On AVX2 CPUs
-// (without the AVX-512 GEMVs) gemv_q8g_avx2 runs instead: the same sums in another order.
+// (without the AVX-512 GEMVs) gemv_q8g_avx2 runs instead, or from kQ8gGemmRows rows on
+// gemm_q8g_avx2: the same sums in other orders (so a row's result differs in the last bits
+// between a call below that many rows and one above).
 torch::Tensor gemv_q8g(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "gemv_q8g: x [R, K], q [N, K], scales [N, K/G]");
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat, "gemv_q8g: int8 q, float32 scales");
