@@ -92,7 +92,8 @@ def quantized_linear(qweight, x: torch.Tensor, lm_head: bool = False) -> torch.T
 # this many input columns instead: per-row scales on the default model's 262k-row head moved the
 # logits enough that greedy decoding left bf16's on 45 of 64 `heron eval agreement` prompts
 # (19/64 agreed; groups of 64: 40/64, +6% bytes for the head; on an AVX2 VM the same single-row
-# speed, ~1.3-1.5x the head's time from 4 rows on). --quantization-lm-head int8 keeps it per channel.
+# speed, ~1.25x the head's time at 4 rows, and from 8 rows on, where gemv_q8g runs GEMM-style, ~0.9x
+# at 64). --quantization-lm-head int8 keeps it per channel.
 INT8_LM_HEAD_GROUP_SIZE = 64
 
 # Bumped when a method's weights change for the same options (the int4 grid, w8a8's activation
