@@ -17,8 +17,9 @@ gets the closest of these formats, decoded from the file's blocks (Q4_0/Q4_1/Q4_
 int4 group 32; 5-bit and up re-quantized to int8 per channel).
 
 The rule per batch size: those kernels stream the packed weight once per pass (a pass takes up
-to 4-16 rows), which wins while a step has few rows (1 row: int4 4.7x and int8 2x faster than
-bf16 on the LM head); with many rows the other way, dequantizing the weight to the model dtype
+to 4-16 rows; on AVX2, int4 from 16 rows and group-wise int8 from 8 work GEMM-style on
+dequantized tiles in cache instead, in one call), which wins while a step has few rows (1 row:
+int4 4.7x and int8 2x faster than bf16 on the LM head); with many rows the other way, dequantizing the weight to the model dtype
 and running the ordinary matmul, wins once the matmul's speed pays for the dequantization. So a
 call with at most `kernel_max_rows()` rows runs the kernel (in passes), and a larger one
 (prefill chunks, big decode batches) dequantizes; nothing but the quantized weight stays
@@ -27,7 +28,8 @@ resident. Where the limit lies depends on the CPU:
   packed kernels were measured 3-5x slower than bf16's blocked matmul at 64 rows.
 - CPUs without (AVX2): float32 matmuls run at about the kernels' own rate, so the kernel's
   passes win up to 128 rows for int4 and 64 for int8 (measured on a Zen 3 VM, 4096 x 640 int4:
-  128 rows 8.7 ms against 15.5 ms dequantize + matmul).
+  128 rows 8.7 ms against 15.5 ms dequantize + matmul; GEMM-style since, 6.8 against 10.6 ms,
+  but 640 x 2048 at 128 rows already 5.2 against 4.5 ms, so the limit stayed).
 - The LM head (262k x 640 for Gemma 3), on every CPU: up to 256 rows. Dequantizing its 168M
   weights costs ~1.1 s (int4) / 0.6 s (int8) a call on the Zen 3 VM, against 85 ms for 16 rows
   in kernel passes (measured there; on the AVX-512 VMs the same order of costs is expected, not

@@ -213,7 +213,6 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return packed.reshape(n, -1)
 
 
-_Q4_GEMV_MAX_ROWS = 8    # what heron's int4 GEMV takes (template instances); int8: ops.gemv_q8_max_rows()
 
 
 _OPS: list = []           # the kernels module, once found usable (matmul's shortcut reads it)
@@ -418,7 +417,7 @@ class QuantizedWeight:
             self.scales = self.scales.view(groups, npad // block, block, 2).permute(1, 0, 2, 3).contiguous()
             self.block_rows = block
         if self.blocked and self.padded_out_features == self.out_features:
-            self._fast = ("gemv_q4", _Q4_GEMV_MAX_ROWS)
+            self._fast = ("gemv_q4", ops.gemv_q4_max_rows())
         return self
 
     def group_scales(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
@@ -473,7 +472,7 @@ class QuantizedWeight:
                 out = ops.gemv_q8(x2, self.qweight, self.scales)
             else:
                 out = torch.ops.aten._weight_int8pack_mm(_aligned(x2, _INT8_X_ALIGN), self.qweight, self.scales)
-        elif self.blocked and 1 <= rows <= _Q4_GEMV_MAX_ROWS:
+        elif self.blocked and 1 <= rows <= _gemv_kernels().gemv_q4_max_rows():
             out = _gemv_kernels().gemv_q4(x2, self.qweight, self.scales, self.group_size)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size,

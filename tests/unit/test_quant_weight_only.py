@@ -405,10 +405,12 @@ def test_gemv_kernels_take_small_calls_and_match(method, gs, rows, n, k):
     if method == "int4" and not ops.gemv_q4_supported():
         pytest.skip("the int4 GEMV needs AVX512-BF16 with AVX512-VBMI, or AVX2")
     qw = quantize(_weight(n, k, seed=n + k), method, gs)
-    limit = ops.gemv_q8_max_rows() if method == "int8" else wo._Q4_GEMV_MAX_ROWS
-    assert limit in ((16, 8) if method == "int8" else (8,))   # AVX512-BF16 / AVX2
+    most = ops.gemv_q8_max_rows() if method == "int8" else ops.gemv_q4_max_rows()
+    # AVX512-BF16 / AVX2 (int4 on AVX2: any number of rows, GEMM-style from 16: test_gemv_q4_many_rows)
+    assert most in ((16, 8) if method == "int8" else (8, 1 << 40))
+    assert qw._fast == (f"gemv_q{8 if method == 'int8' else 4}", most)
+    limit = min(most, 8)
     rows = tuple(sorted({r for r in rows if r <= limit} | {limit}))
-    assert qw._fast == (f"gemv_q{8 if method == 'int8' else 4}", limit)
     assert qw.blocked == (method == "int4")
     if method == "int4":
         assert qw.block_rows == ops.gemv_q4_block() and qw.scales.shape == (n // qw.block_rows, k // gs, qw.block_rows, 2)
@@ -434,6 +436,8 @@ def test_more_rows_than_a_kernel_pass_run_as_several_passes(method, gs, dtype):
     qw = quantize(_weight(96, 256, seed=3), method, gs)
     assert qw._fast is not None
     most = qw._fast[1]
+    if most > 256:   # int4 on AVX2: one call takes any number of rows, in passes of 4 below 16 rows
+        most = 4       # (GEMM-style from there on: tests/unit/test_cpu_kernels.py, test_gemv_q4_many_rows)
     x = _x((3 * most + 1, 256), dtype=dtype, seed=4)
     got = qw.matmul(x)
     assert got.dtype == dtype and got.shape == (3 * most + 1, 96)
@@ -526,8 +530,12 @@ def test_gemv_kernel_input_checks():
         ops.gemv_q8(_x((1, 128)), q8.qweight, q8.scales)
     if ops.gemv_q4_supported():
         q4 = quantize_int4(_weight(64, 256), 32)
-        with pytest.raises(RuntimeError, match="1-8 rows"):
-            ops.gemv_q4(_x((9, 256)), q4.qweight, q4.scales, 32)
+        most = ops.gemv_q4_max_rows()
+        if most == 8:   # the AVX-512 GEMV (on AVX2 any number of rows)
+            with pytest.raises(RuntimeError, match="1-8 rows"):
+                ops.gemv_q4(_x((9, 256)), q4.qweight, q4.scales, 32)
+        with pytest.raises(RuntimeError, match=f"1-{most} rows"):
+            ops.gemv_q4(_x((1, 256))[:0], q4.qweight, q4.scales, 32)
         with pytest.raises(RuntimeError, match="group size"):
             ops.gemv_q4(_x((1, 256)), q4.qweight, q4.scales, 64)
 
