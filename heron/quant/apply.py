@@ -19,11 +19,11 @@ int4 group 32; 5-bit and up re-quantized to int8 per channel).
 The rule per batch size: those kernels stream the packed weight once per pass (a pass takes up
 to 4-16 rows; on AVX2, int4 from 16 rows and group-wise int8 from 8 work GEMM-style on
 dequantized tiles in cache instead, in one call), which wins while a step has few rows (1 row:
-int4 4.7x and int8 2x faster than bf16 on the LM head); with many rows the other way, dequantizing the weight to the model dtype
-and running the ordinary matmul, wins once the matmul's speed pays for the dequantization. So a
-call with at most `kernel_max_rows()` rows runs the kernel (in passes), and a larger one
-(prefill chunks, big decode batches) dequantizes; nothing but the quantized weight stays
-resident. Where the limit lies depends on the CPU:
+int4 4.7x and int8 2x faster than bf16 on the LM head); with many rows the other way,
+dequantizing the weight to the model dtype and running the ordinary matmul, wins once the
+matmul's speed pays for the dequantization. So a call with at most `kernel_max_rows()` rows
+runs the kernel, and a larger one (prefill chunks, big decode batches) dequantizes; nothing but
+the quantized weight stays resident. Where the limit lies depends on the CPU:
 - AVX512-BF16 / AMX (oneDNN's bf16 matmul is fast): 4 rows for the linear layers, where the
   packed kernels were measured 3-5x slower than bf16's blocked matmul at 64 rows.
 - CPUs without (AVX2): float32 matmuls run at about the kernels' own rate, so the kernel's

@@ -213,8 +213,6 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return packed.reshape(n, -1)
 
 
-
-
 _OPS: list = []           # the kernels module, once found usable (matmul's shortcut reads it)
 
 
