@@ -280,8 +280,8 @@ def test_gemv_q8g_many_rows(rows):
     assert torch.equal(ops.gemv_q8g(other, q, s, 64)[:8], out[:8])   # the other rows of the call do not matter
 
 
-@pytest.mark.parametrize("rows", [16, 17, 23, 40, 64])
-def test_gemv_q4_many_rows(rows):
+@pytest.mark.parametrize("rows,gs", [(16, 32), (17, 64), (23, 128), (40, 64), (64, 32)])
+def test_gemv_q4_many_rows(rows, gs):
     """From 16 rows on, gemv_q4 runs GEMM-style on AVX2 CPUs (each block of 32 weight rows
     dequantized to float32, then 16 weight rows by up to 6 x rows at a time): every weight row and
     x row lands where it belongs, the result is the dequantized weight's product rounded once to
@@ -291,24 +291,24 @@ def test_gemv_q4_many_rows(rows):
     if ops.gemv_q4_block() != 32:
         pytest.skip("the GEMM-style int4 path is the AVX2 build's (the AVX-512 GEMV takes up to 8 rows a call)")
     g = torch.Generator().manual_seed(rows)
-    n, k = 160, 192                      # 5 blocks of 32 weight rows, 3 groups of 64
-    qw = quantize(torch.randn(n, k, generator=g) * 0.05, "int4", 64)
+    n, k = 160, 256                      # 5 blocks of 32 weight rows, 2-8 groups
+    qw = quantize(torch.randn(n, k, generator=g) * 0.05, "int4", gs)
     assert qw.blocked
     w = qw.dequantize(torch.float32).double()
     x = torch.randn(rows, k, generator=g).bfloat16()
-    out = ops.gemv_q4(x, qw.qweight, qw.scales, 64)
+    out = ops.gemv_q4(x, qw.qweight, qw.scales, gs)
     assert out.shape == (rows, n) and out.dtype == torch.bfloat16
     ref = x.double() @ w.t()
     tol = 2.0 ** -8 * ref.abs() + 1e-5 * (x.double().abs() @ w.abs().t())   # one bf16 rounding
     assert ((out.double() - ref).abs() <= tol).all()
-    assert torch.equal(ops.gemv_q4(x.float(), qw.qweight, qw.scales, 64), out.float())   # float32 x alike
+    assert torch.equal(ops.gemv_q4(x.float(), qw.qweight, qw.scales, gs), out.float())   # float32 x alike
     for r, col in ((0, 0), (rows - 1, 70), (rows // 2, k - 1)):   # a one-hot x row reads back a weight column
         xo = torch.zeros(rows, k, dtype=torch.bfloat16)
         xo[r, col] = 1.0
-        y = ops.gemv_q4(xo, qw.qweight, qw.scales, 64)
+        y = ops.gemv_q4(xo, qw.qweight, qw.scales, gs)
         want = w[:, col].float().bfloat16().double()
         step = 2.0 ** (torch.frexp(want)[1].double() - 8)                    # a bf16 ulp at |want|
         assert ((y[r].double() - want).abs() <= step).all(), (r, col)
         assert not y[torch.arange(rows) != r].any()
     other = torch.cat([x[:16], torch.randn(5, k, generator=g).bfloat16()])
-    assert torch.equal(ops.gemv_q4(other, qw.qweight, qw.scales, 64)[:16], out[:16])   # the other rows do not matter
+    assert torch.equal(ops.gemv_q4(other, qw.qweight, qw.scales, gs)[:16], out[:16])   # the other rows do not matter
