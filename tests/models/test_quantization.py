@@ -72,14 +72,14 @@ def test_layer_rule_per_batch_size(tiny, method, group):
 
 
 def test_rule_per_cpu(monkeypatch):
-    """Kernel passes up to 4 rows where bf16 matmuls are fast, up to 128 (int4) / 64 (int8) rows
+    """Kernel passes up to 4 rows where bf16 matmuls are fast, up to 256 (int4) / 64 (int8) rows
     elsewhere; the LM head up to 256 rows everywhere; w8a8 hands more than 4 (LM head: 8) rows to
     its integer matmul."""
     from heron.quant.w8a8 import W8A8Weight
     from heron.quant.weight_only import quantize
     w = torch.randn(64, 64)
     q4, q8, w8a8 = quantize(w, "int4", 32), quantize(w, "int8"), W8A8Weight.quantize(w, None)
-    for fast_bf16, want in ((True, (4, 4)), (False, (128, 64))):
+    for fast_bf16, want in ((True, (4, 4)), (False, (256, 64))):
         monkeypatch.setattr(quant_apply, "_FAST_BF16", [fast_bf16])
         assert (kernel_max_rows(q4), kernel_max_rows(q8)) == want
         assert kernel_max_rows(q4, lm_head=True) == kernel_max_rows(q8, lm_head=True) == 256
