@@ -1326,12 +1326,20 @@ void gemv_q8_avx2(const float* xf, const int8_t* w, const uint16_t* scales, O* o
 // the accumulators fit in the 16 vector registers. xsum [M, G]: per-group sums of x.
 constexpr int64_t kQ4PrefetchBytesAvx2 = 2048;
 
+// 8 rows' (scale, zero) bf16 pairs of one group (as uint32: scale low, zero high) -> the scales
+// and c = zero - 8 scale (one rounding), so that w = code * scale + c
+inline void q4_scale_zero8(const uint32_t* pairs, __m256& sc, __m256& c) {
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+  sc = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+  c = _mm256_fnmadd_ps(sc, _mm256_set1_ps(8.f),
+                       _mm256_castsi256_ps(_mm256_and_si256(p, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+}
+
 template <int M, int H0, int STEP, typename O>
 inline void q4_block_avx2(const float* xf, const float* xsum, const uint8_t* wb, const uint32_t* szb, O* out,
                           int64_t N, int64_t K, int64_t G, int64_t gs, int64_t row0, bool ahead) {
   constexpr int S = 2 / STEP;
   const __m256i nib = _mm256_set1_epi32(0x0F);
-  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m256i idx0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
   const __m256i idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8));   // bytes 8-15 (-1 stays negative)
@@ -1371,9 +1379,8 @@ inline void q4_block_avx2(const float* xf, const float* xsum, const uint8_t* wb,
 #pragma GCC unroll 2
       for (int hi = 0; hi < 2; ++hi) {
         const int part = (H0 + j * STEP) + 2 * hi;   // rows 8 part .. 8 part + 7 of the block
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + g * 32 + part * 8));
-        const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
-        const __m256 c = _mm256_fnmadd_ps(sc, _mm256_set1_ps(8.f), _mm256_castsi256_ps(_mm256_and_si256(p, hi_mask)));
+        __m256 sc, c;
+        q4_scale_zero8(szb + g * 32 + part * 8, sc, c);
         const __m256 scq = hi ? _mm256_mul_ps(sc, _mm256_set1_ps(1.f / 16)) : sc;   // exact: a power of two
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
@@ -1589,7 +1596,6 @@ void gemm_q4_avx2(const float* xp, const uint8_t* w, const uint32_t* sz, O* op, 
                   int64_t K, int64_t gs) {
   const int64_t G = K / gs;
   const __m256i nib = _mm256_set1_epi32(0x0F);
-  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> wt(K * 32);
     for (int64_t b = b0; b < b1; ++b) {
@@ -1598,11 +1604,7 @@ void gemm_q4_avx2(const float* xp, const uint8_t* w, const uint32_t* sz, O* op, 
       for (int64_t g = 0; g < G; ++g) {
         // rows 0-7 / 8-15: low nibbles of bytes 0-7 / 8-15; rows 16-23 / 24-31: their high ones
         __m256 sc[4], c[4];
-        for (int part = 0; part < 4; ++part) {
-          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szb + g * 32 + part * 8));
-          sc[part] = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
-          c[part] = _mm256_fnmadd_ps(sc[part], _mm256_set1_ps(8.f), _mm256_castsi256_ps(_mm256_and_si256(p, hi_mask)));
-        }
+        for (int part = 0; part < 4; ++part) q4_scale_zero8(szb + g * 32 + part * 8, sc[part], c[part]);
         for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
           const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * 16));
           const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
