@@ -41,8 +41,7 @@ def cpu_flags() -> str:
 _FUNCTIONS = ["paged_decode", "paged_part", "paged_part_supported", "merge_part", "argmax_rows", "rms_norm",
               "act_and_mul", "rope", "qk_norm_rope", "gemv", "gemv_supported", "gemv_q8", "gemv_q4",
               "gemv_q4_supported", "gemv_q8g", "gemv_q8_max_rows", "gemv_q4_block", "gemv_q4_max_rows",
-              "dequant_q4",
-              "dequant_q4_rows", "int4_mse_grid"]
+              "dequant_q4", "dequant_q4_rows", "int4_mse_grid"]
 
 
 def load_kernel():
